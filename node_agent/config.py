@@ -1,0 +1,150 @@
+"""The node agent's config: what runs on this host and how."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Backend = Literal["auto", "cuda", "cpu", "rocm", "metal", "vulkan", "sycl"]
+
+# Long flags that a structured field of ModelConfig sets (with their short spellings):
+# repeating one in server_args is an error, not a silent override.
+STRUCTURED_FLAGS: dict[str, str] = {
+    "ctx_size": "--ctx-size -c",
+    "batch_size": "--batch-size -b",
+    "ubatch_size": "--ubatch-size -ub",
+    "threads": "--threads -t",
+    "threads_batch": "--threads-batch -tb",
+    "gpu_layers": "--n-gpu-layers --gpu-layers -ngl",
+    "main_gpu": "--main-gpu -mg",
+    "tensor_split": "--tensor-split -ts",
+    "flash_attn": "--flash-attn -fa",
+    "alias": "--alias -a",
+    "parallel": "--parallel -np",
+    "embeddings": "--embeddings --embedding --pooling",
+}
+# Flags the agent itself owns: where the model lives and where the server listens.
+AGENT_OWNED_FLAGS = ("--model", "-m", "--host", "--port", "--hf-repo", "-hf", "--model-url",
+                     "-mu", "--hf-file", "-hff")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(StrictModel):
+    model_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/@+-]+$")
+    path: Path
+    roles: list[str] = Field(default_factory=list)
+    ctx_size: int | None = Field(default=None, ge=16)
+    batch_size: int | None = Field(default=None, ge=1)
+    ubatch_size: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    threads_batch: int | None = Field(default=None, ge=1)
+    gpu_layers: int | None = Field(default=None, ge=-1)
+    main_gpu: int | None = Field(default=None, ge=0)
+    tensor_split: list[float] | None = None
+    flash_attn: bool | None = None
+    alias: str | None = None
+    parallel: int = Field(default=1, ge=1, le=256)
+    embeddings: bool = False  # adds --embeddings --pooling mean
+    server_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+    @field_validator("server_args")
+    @classmethod
+    def _server_args_are_long_flags_not_set_elsewhere(
+        cls, value: dict[str, str | int | float | bool | None]
+    ) -> dict[str, str | int | float | bool | None]:
+        taken = {flag for flags in STRUCTURED_FLAGS.values() for flag in flags.split()}
+        for flag in value:
+            if not flag.startswith("--"):
+                raise ValueError(f"{flag!r}: server_args keys are long flags such as '--seed'")
+            if flag in taken:
+                field = next(f for f, fl in STRUCTURED_FLAGS.items() if flag in fl.split())
+                raise ValueError(f"{flag!r} is set by the structured field '{field}'; use that")
+            if flag in AGENT_OWNED_FLAGS:
+                raise ValueError(f"{flag!r} is set by the agent itself and cannot be overridden")
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _roles_are_names(cls, value: list[str]) -> list[str]:
+        for role in value:
+            if not role or any(c.isspace() for c in role):
+                raise ValueError(f"{role!r} is not a role name")
+        return value
+
+
+class NodeAgentConfig(StrictModel):
+    node_id: str = Field(default_factory=socket.gethostname, min_length=1)
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8081, ge=0, le=65535)
+    advertise_url: str | None = None
+    dispatcher_base_url: str | None = None
+    cluster_token: str | None = Field(default=None, repr=False)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    backend: Backend = "auto"
+    devices: list[str] | None = None
+    llama_server_bin: str | None = None
+    llama_server_startup_timeout_s: float = Field(default=30.0, gt=0)
+    llama_server_probe_interval_s: float = Field(default=0.5, gt=0)
+    llama_server_stop_grace_s: float = Field(default=5.0, ge=0)
+    max_pending_requests_per_device: int = Field(default=2, ge=1)
+    max_switch_wait_s: float = Field(default=30.0, ge=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    memory_safety_margin: float = Field(default=0.9, gt=0, le=1)
+    state_dir: Path = Field(default_factory=lambda: Path.home() / ".local/state/rolemesh")
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> NodeAgentConfig:
+        if self.cluster_token is None:
+            self.cluster_token = os.environ.get("ROLEMESH_CLUSTER_TOKEN") or None
+        seen: set[str] = set()
+        for m in self.models:
+            if m.model_id in seen:
+                raise ValueError(f"models: model_id {m.model_id!r} appears twice")
+            seen.add(m.model_id)
+        roles_and_ids = {m.model_id for m in self.models}
+        for m in self.models:
+            for role in m.roles:
+                if role in roles_and_ids:
+                    raise ValueError(f"models: role {role!r} is also a model_id")
+        if self.devices is not None:
+            for d in self.devices:
+                if d != "cpu" and not (d.startswith("gpu:") and d[4:].isdigit()):
+                    raise ValueError(f"devices: {d!r} is not 'cpu' or 'gpu:N'")
+        return self
+
+    @property
+    def url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.listen_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"http://{host}:{self.listen_port}"
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.model_id == model_id), None)
+
+    def models_for(self, name: str) -> list[ModelConfig]:
+        """The models a request's `model` names: one by id, or every model with that role."""
+        exact = self.model(name)
+        if exact is not None:
+            return [exact]
+        return [m for m in self.models if name in m.roles]
+
+    def public_dump(self) -> dict[str, object]:
+        """The resolved config for printing: secrets masked."""
+        data = self.model_dump(mode="json")
+        if data.get("cluster_token"):
+            data["cluster_token"] = "***"
+        return data

@@ -1,0 +1,259 @@
+"""Which device serves a request: a pure function of data.
+
+No I/O, no logging, no clock. The dispatcher calls it over the whole cluster, the node
+agent over its own devices; both render the returned `Decision` (the winner plus a verdict
+per candidate) for `/v1/route`, errors and logs.
+
+The rules, in order (see docs/scheduling.md for why):
+1. candidates: every (device, model) where the device's node serves one of the models;
+2. drop devices that are down, at their pending limit, or too small for the model;
+3. a device that already has the model (ready or starting) wins, least queue first;
+4. else an empty device where the model fits: most free memory, then least queue;
+5. else evict, on an idle device, the loaded model that is cheapest to lose
+   (recent requests x its load time; free when it is loaded on another device too);
+6. else queue behind a busy device's current work and switch when it drains (the agent
+   bounds that wait), least queue first; a busy model is never evicted under its users;
+7. else nothing, with a reason the client can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from rolemesh.api import SlotState
+
+
+class Reason(StrEnum):
+    NODE_DOWN = "node_down"
+    AT_PENDING_LIMIT = "at_pending_limit"
+    DOES_NOT_FIT = "does_not_fit"
+    NOT_ENOUGH_FREE_MEMORY = "not_enough_free_memory"
+    MODEL_LOADED = "model_loaded"
+    FITS_EMPTY_DEVICE = "fits_empty_device"
+    EVICT_IDLE_MODEL = "evict_idle_model"
+    SWITCH_AFTER_QUEUE = "switch_after_queue"
+
+
+class Action(StrEnum):
+    USE_LOADED = "use_loaded"
+    LOAD_ON_EMPTY = "load_on_empty"
+    EVICT = "evict"
+    SWITCH_AFTER_QUEUE = "switch_after_queue"
+
+
+class Outcome(StrEnum):
+    ROUTED = "routed"
+    ALL_BUSY = "all_busy"
+    FITS_NOWHERE = "fits_nowhere"
+    ALL_DOWN = "all_down"
+    NO_CANDIDATES = "no_candidates"
+
+
+_RULE_OF_REASON: dict[Reason, Action] = {
+    Reason.MODEL_LOADED: Action.USE_LOADED,
+    Reason.FITS_EMPTY_DEVICE: Action.LOAD_ON_EMPTY,
+    Reason.EVICT_IDLE_MODEL: Action.EVICT,
+    Reason.SWITCH_AFTER_QUEUE: Action.SWITCH_AFTER_QUEUE,
+}
+
+_LOADED_STATES = frozenset({SlotState.READY, SlotState.STARTING})
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What a model costs on one node: memory to hold it, seconds to load it."""
+
+    memory_need_mb: int
+    load_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """Everything the decision needs to know about one device."""
+
+    node_id: str
+    device_id: str
+    servable: Mapping[str, ModelCost]  # model id -> cost, for the models its node serves
+    memory_total_mb: int | None = None
+    memory_free_mb: int | None = None
+    loaded_model: str | None = None
+    slot_state: SlotState = SlotState.EMPTY
+    in_flight: int = 0
+    pending: int = 0
+    pending_limit: int = 2
+    up: bool = True
+    recent_requests: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.node_id, self.device_id)
+
+    @property
+    def queue(self) -> int:
+        return self.in_flight + self.pending
+
+    @property
+    def holds_model(self) -> bool:
+        return self.loaded_model is not None and self.slot_state in _LOADED_STATES
+
+
+@dataclass(frozen=True)
+class Policy:
+    memory_safety_margin: float = 0.9  # a model fits when need <= total x margin
+    busy_retry_after_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    node_id: str
+    device_id: str
+    model_id: str
+    reason: Reason
+    chosen: bool = False
+    queue: int = 0
+    memory_need_mb: int | None = None
+    memory_total_mb: int | None = None
+    memory_free_mb: int | None = None
+    eviction_cost: float | None = None  # for evictions: what losing the loaded model costs
+    evicts: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    model_ids: tuple[str, ...]
+    verdicts: tuple[Verdict, ...]
+    winner: Verdict | None = None
+    action: Action | None = None
+    retry_after_s: float | None = None
+    # For FITS_NOWHERE: the smallest need among the models and the largest device seen.
+    smallest_need_mb: int | None = None
+    largest_device_mb: int | None = None
+
+    def explain(self) -> str:
+        if self.winner is not None and self.action is not None:
+            w = self.winner
+            return f"{w.model_id} on {w.node_id}/{w.device_id}: {self.action.value} ({w.reason.value})"
+        names = ", ".join(self.model_ids)
+        match self.outcome:
+            case Outcome.NO_CANDIDATES:
+                return f"no node serves {names}"
+            case Outcome.ALL_DOWN:
+                return f"every node that serves {names} is down"
+            case Outcome.FITS_NOWHERE:
+                return (f"{names} needs about {self.smallest_need_mb} MB; the largest device "
+                        f"has {self.largest_device_mb} MB")
+            case _:
+                return f"every device that can serve {names} is busy"
+
+
+def fits_device(cost: ModelCost, device: DeviceView, policy: Policy) -> bool:
+    if device.memory_total_mb is None:
+        return True  # unknown size: the load itself will tell
+    return cost.memory_need_mb <= device.memory_total_mb * policy.memory_safety_margin
+
+
+def eviction_cost(device: DeviceView, holders: Mapping[str, int]) -> float:
+    """What losing `device`'s loaded model costs: zero if another device holds it too."""
+    model = device.loaded_model
+    if model is None:
+        return 0.0
+    if holders.get(model, 0) > 1:
+        return 0.0
+    cost = device.servable.get(model)
+    load_s = cost.load_s if cost is not None else 1.0
+    return device.recent_requests.get(model, 0) * load_s
+
+
+def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
+           policy: Policy | None = None) -> Decision:
+    policy = policy or Policy()
+    wanted = tuple(dict.fromkeys(model_ids))
+    holders: dict[str, int] = {}
+    for d in devices:
+        if d.up and d.holds_model and d.loaded_model is not None:
+            holders[d.loaded_model] = holders.get(d.loaded_model, 0) + 1
+
+    verdicts: list[Verdict] = []
+    eligible: dict[Reason, list[Verdict]] = {r: [] for r in _RULE_OF_REASON}
+    for device in devices:
+        for model_id in wanted:
+            cost = device.servable.get(model_id)
+            if cost is None:
+                continue
+            verdict = _judge(device, model_id, cost, policy, holders)
+            verdicts.append(verdict)
+            if verdict.reason in eligible:
+                eligible[verdict.reason].append(verdict)
+
+    rank = {
+        Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0), v.node_id, v.device_id),
+        Reason.FITS_EMPTY_DEVICE: lambda v: (-(v.memory_free_mb or 0), v.queue,
+                                             v.node_id, v.device_id),
+        Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, -(v.memory_total_mb or 0),
+                                            v.node_id, v.device_id),
+        Reason.SWITCH_AFTER_QUEUE: lambda v: (v.queue, v.eviction_cost or 0.0,
+                                              v.node_id, v.device_id),
+    }
+    for reason, action in _RULE_OF_REASON.items():
+        group = eligible[reason]
+        if not group:
+            continue
+        best = min(group, key=rank[reason])
+        winner = _with_chosen(best)
+        final = tuple(winner if v is best else v for v in verdicts)
+        return Decision(Outcome.ROUTED, wanted, final, winner=winner, action=action)
+
+    return _nothing(wanted, tuple(verdicts), devices, policy)
+
+
+def _judge(device: DeviceView, model_id: str, cost: ModelCost, policy: Policy,
+           holders: Mapping[str, int]) -> Verdict:
+    def verdict(reason: Reason, **extra: object) -> Verdict:
+        return Verdict(device.node_id, device.device_id, model_id, reason, queue=device.queue,
+                       memory_need_mb=cost.memory_need_mb,
+                       memory_total_mb=device.memory_total_mb,
+                       memory_free_mb=device.memory_free_mb, **extra)  # type: ignore[arg-type]
+
+    if not device.up:
+        return verdict(Reason.NODE_DOWN)
+    if not fits_device(cost, device, policy):
+        return verdict(Reason.DOES_NOT_FIT)
+    if device.queue >= device.pending_limit:
+        return verdict(Reason.AT_PENDING_LIMIT)
+    if device.holds_model and device.loaded_model == model_id:
+        return verdict(Reason.MODEL_LOADED)
+    if not device.holds_model:
+        free = device.memory_free_mb
+        if free is not None and cost.memory_need_mb > free:
+            # Something outside RoleMesh holds this memory; loading would fail.
+            return verdict(Reason.NOT_ENOUGH_FREE_MEMORY)
+        return verdict(Reason.FITS_EMPTY_DEVICE)
+    lose = eviction_cost(device, holders)
+    if device.queue == 0:
+        return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=lose, evicts=device.loaded_model)
+    return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=lose, evicts=device.loaded_model)
+
+
+def _with_chosen(v: Verdict) -> Verdict:
+    return Verdict(**{**v.__dict__, "chosen": True})
+
+
+def _nothing(wanted: tuple[str, ...], verdicts: tuple[Verdict, ...],
+             devices: Sequence[DeviceView], policy: Policy) -> Decision:
+    if not verdicts:
+        return Decision(Outcome.NO_CANDIDATES, wanted, verdicts)
+    reasons = {v.reason for v in verdicts}
+    if reasons == {Reason.NODE_DOWN}:
+        return Decision(Outcome.ALL_DOWN, wanted, verdicts,
+                        retry_after_s=policy.busy_retry_after_s)
+    if reasons <= {Reason.DOES_NOT_FIT, Reason.NODE_DOWN}:
+        needs = [v.memory_need_mb for v in verdicts if v.memory_need_mb is not None]
+        sizes = [d.memory_total_mb for d in devices
+                 if d.memory_total_mb is not None and any(m in d.servable for m in wanted)]
+        return Decision(Outcome.FITS_NOWHERE, wanted, verdicts,
+                        smallest_need_mb=min(needs) if needs else None,
+                        largest_device_mb=max(sizes) if sizes else None)
+    return Decision(Outcome.ALL_BUSY, wanted, verdicts, retry_after_s=policy.busy_retry_after_s)

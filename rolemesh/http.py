@@ -1,0 +1,87 @@
+"""aiohttp pieces both services share: error rendering, request ids, bounded bodies."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from rolemesh import headers
+from rolemesh.errors import BodyTooLarge, NotFound, RoleMeshError, error_body
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_KEY = "rolemesh_request_id"
+
+log = structlog.get_logger("rolemesh.http")
+
+
+def json_response(data: object, *, status: int = 200,
+                  extra_headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), status=status,
+                        content_type="application/json", headers=extra_headers)
+
+
+def error_response(err: RoleMeshError) -> web.Response:
+    return json_response(err.body(), status=err.status, extra_headers=err.headers)
+
+
+@web.middleware
+async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id (the client's, or a new one) for every log line of this request."""
+    request_id = request.headers.get(headers.REQUEST_ID) or uuid.uuid4().hex[:16]
+    request[REQUEST_ID_KEY] = request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await handler(request)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    if not response.prepared:
+        response.headers[headers.REQUEST_ID] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where errors become OpenAI-shaped HTTP responses."""
+    try:
+        return await handler(request)
+    except RoleMeshError as err:
+        log.info("request.rejected", path=request.path, status=err.status, code=err.code,
+                 message=err.message)
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response(NotFound(f"no such endpoint: {request.method} {request.path}"))
+        if exc.status == 405:
+            return json_response(error_body(f"method {request.method} not allowed on "
+                                            f"{request.path}", "invalid_request_error",
+                                            "method_not_allowed"), status=405)
+        if exc.status == 413:
+            return error_response(BodyTooLarge("the request body is too large"))
+        raise
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole body, refusing more than max_bytes before reading it all."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise BodyTooLarge(f"the request body is {request.content_length} bytes; "
+                           f"the limit is {max_bytes}")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyTooLarge(f"the request body is over the limit of {max_bytes} bytes") from exc
+
+
+def request_id_of(request: web.Request) -> str:
+    return str(request.get(REQUEST_ID_KEY, ""))
+
+
+def bearer_token(request: web.Request) -> str | None:
+    value = request.headers.get(headers.AUTHORIZATION, "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token.strip()
