@@ -1,0 +1,106 @@
+"""The agent's aiohttp app: routes, middlewares, and what it owns for its lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from node_agent import handlers
+from node_agent.appkeys import HTTP_KEY, NODE_KEY
+from node_agent.backends import DeviceBackend
+from node_agent.config import NodeAgentConfig
+from node_agent.node import ModelFacts, Node
+from node_agent.pidfiles import PidFiles
+from node_agent.registration import run_registration
+from node_agent.slot import DeviceSlot, SlotSettings
+from rolemesh.errors import Unauthorized
+from rolemesh.http import bearer_token, error_middleware, request_context_middleware
+
+log = structlog.get_logger("node_agent.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/health"})
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def auth_middleware(token: str | None) -> Callable[[web.Request, Handler],
+                                                  Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is not None and request.path not in OPEN_PATHS:
+            given = bearer_token(request)
+            if given is None or not secrets.compare_digest(given, token):
+                raise Unauthorized("this node agent needs 'Authorization: Bearer "
+                                   "<cluster_token>'")
+        return await handler(request)
+    return check_token
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/v1/models", handlers.list_models)
+    app.router.add_get("/v1/node/inventory", handlers.inventory)
+    app.router.add_get("/v1/route", handlers.route)
+    for path in handlers.OPENAI_PATHS:
+        app.router.add_post(path, handlers.openai_request)
+
+
+def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, ModelFacts],
+              binary: str) -> web.Application:
+    app = web.Application(
+        middlewares=[request_context_middleware, error_middleware,
+                     auth_middleware(config.cluster_token)],
+        client_max_size=config.max_body_bytes)
+    setup_routes(app)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=None))
+        settings = SlotSettings(
+            binary=Path(binary), startup_timeout_s=config.llama_server_startup_timeout_s,
+            probe_interval_s=config.llama_server_probe_interval_s,
+            stop_grace_s=config.llama_server_stop_grace_s,
+            pending_limit=config.max_pending_requests_per_device,
+            max_switch_wait_s=config.max_switch_wait_s,
+            queue_timeout_s=config.request_timeout_s)
+        pidfiles = PidFiles(config.state_dir, config.node_id)
+        pidfiles.reap_orphans()
+        wanted = config.devices
+        slots = {d.device_id: DeviceSlot(d.device_id, dict(d.pin_env), settings, http,
+                                         pidfiles, free_loopback_port)
+                 for d in backend.devices() if wanted is None or d.device_id in wanted}
+        missing = sorted(set(wanted or ()) - set(slots))
+        if missing:
+            raise RuntimeError(f"devices: {', '.join(missing)} not found by the "
+                               f"{backend.name} backend")
+        node = Node(config, backend, slots, facts)
+        app[NODE_KEY] = node
+        app[HTTP_KEY] = http
+        registration = (asyncio.create_task(run_registration(node, http))
+                        if config.dispatcher_base_url else None)
+        log.info("agent.started", node_id=config.node_id, backend=backend.name,
+                 devices=list(slots), models=[m.model_id for m in config.models],
+                 url=config.url, llama_server=binary)
+        yield
+        if registration is not None:
+            registration.cancel()
+            await asyncio.gather(registration, return_exceptions=True)
+        await asyncio.gather(*(s.shutdown() for s in slots.values()))
+        await http.close()
+        backend.close()
+        log.info("agent.stopped", node_id=config.node_id)
+
+    app.cleanup_ctx.append(lifetime)
+    return app

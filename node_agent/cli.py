@@ -1,0 +1,102 @@
+"""`rolemesh-node-agent --config FILE [--check-config]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+import structlog
+from aiohttp import web
+
+from node_agent.app import build_app
+from node_agent.backends import BackendUnavailable
+from node_agent.backends.select import select_backend
+from node_agent.config import NodeAgentConfig
+from node_agent.llama_binary import LlamaServerNotFound, resolve_llama_server
+from node_agent.node import ModelFileError, check_model_files
+from rolemesh.config_loading import ConfigError, load_config_file
+from rolemesh.logging import setup_logging
+
+EXIT_CONFIG = 2
+EXIT_START = 3
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="rolemesh-node-agent", description=(
+        "Run one llama-server per device of this host and serve the OpenAI API."))
+    parser.add_argument("--config", required=True, help="the node agent's YAML config")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config and model files, print it resolved, exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        config = load_config_file(args.config, NodeAgentConfig)
+        facts = check_model_files(config)
+        config_errors: list[str] = []
+        for m in config.models:
+            if m.parallel > config.max_pending_requests_per_device:
+                config_errors.append(
+                    f"{args.config}: models.{m.model_id}.parallel: {m.parallel} is more than "
+                    f"max_pending_requests_per_device ({config.max_pending_requests_per_device})"
+                    "; raise the limit or llama-server's extra slots can never be used")
+        if config_errors:
+            raise ConfigError("\n".join(config_errors))
+    except (ConfigError, ModelFileError) as exc:
+        print(f"rolemesh-node-agent: config error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        resolved = config.public_dump()
+        resolved["advertised_url"] = config.url
+        resolved["model_memory_need_mb"] = {k: v.memory_need_mb for k, v in facts.items()}
+        print(json.dumps(resolved, indent=2, default=str))
+        return 0
+    setup_logging("node-agent", fmt=config.log_format, level=config.log_level)
+    log = structlog.get_logger("node_agent.cli")
+    try:
+        binary = resolve_llama_server(config.llama_server_bin)
+        backend = select_backend(config.backend)
+    except (LlamaServerNotFound, BackendUnavailable) as exc:
+        log.error("agent.cannot_start", error=str(exc))
+        print(f"rolemesh-node-agent: cannot start: {exc}", file=sys.stderr)
+        return EXIT_START
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    app = build_app(config, backend, facts, str(binary))
+    try:
+        asyncio.run(_serve(app, config))
+    except Exception as exc:  # start-up failures (port taken, device missing): say so, exit
+        log.error("agent.failed", error=str(exc))
+        print(f"rolemesh-node-agent: {exc}", file=sys.stderr)
+        return EXIT_START
+    return 0
+
+
+async def _serve(app: web.Application, config: NodeAgentConfig) -> None:
+    # handler_cancellation: a client that goes away while queued must give back its place.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen_host, config.listen_port)
+        await site.start()
+        print(f"rolemesh-node-agent: listening on http://{config.listen_host}:"
+              f"{config.listen_port}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # stops every llama-server child
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""llama-server's command line from a model's config: a pure function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node_agent.config import ModelConfig
+
+
+def _flag_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def build_argv(binary: str | Path, model: ModelConfig, port: int) -> list[str]:
+    argv = [str(binary), "--model", str(model.path), "--host", "127.0.0.1",
+            "--port", str(port), "--alias", model.alias or model.model_id,
+            "--parallel", str(model.parallel)]
+    numeric = {
+        "--ctx-size": model.ctx_size,
+        "--batch-size": model.batch_size,
+        "--ubatch-size": model.ubatch_size,
+        "--threads": model.threads,
+        "--threads-batch": model.threads_batch,
+        "--n-gpu-layers": model.gpu_layers,
+        "--main-gpu": model.main_gpu,
+    }
+    for flag, value in numeric.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    if model.tensor_split is not None:
+        argv += ["--tensor-split", ",".join(_flag_value(v) for v in model.tensor_split)]
+    if model.flash_attn is not None:
+        argv += ["--flash-attn", _flag_value(model.flash_attn)]
+    if model.embeddings:
+        argv += ["--embeddings", "--pooling", "mean"]
+    for flag, value in model.server_args.items():
+        if value is None or value is True:
+            argv.append(flag)  # a switch such as --no-mmap
+        elif value is False:
+            continue
+        else:
+            argv += [flag, _flag_value(value)]
+    return argv

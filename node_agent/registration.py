@@ -1,0 +1,87 @@
+"""Register with the dispatcher, then heartbeat; re-register when it has forgotten us."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from node_agent.node import Node
+from rolemesh.api import HeartbeatRequest, RegisterRequest
+
+log = structlog.get_logger("node_agent.registration")
+
+
+class DispatcherRefused(Exception):
+    """The dispatcher answered, but not with success (wrong token, bad request...)."""
+
+
+class DispatcherForgotUs(Exception):
+    pass
+
+
+async def _post(http: aiohttp.ClientSession, url: str, token: str | None, payload: str,
+                timeout_s: float) -> None:
+    request_headers = {"Content-Type": "application/json"}
+    if token:
+        request_headers["Authorization"] = f"Bearer {token}"
+    async with http.post(url, data=payload, headers=request_headers,
+                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        if resp.status == 404:
+            raise DispatcherForgotUs()
+        if resp.status >= 400:
+            text = (await resp.text())[:300]
+            raise DispatcherRefused(f"{url} answered {resp.status}: {text}")
+
+
+async def run_registration(node: Node, http: aiohttp.ClientSession) -> None:
+    config = node.config
+    assert config.dispatcher_base_url is not None
+    base = config.dispatcher_base_url.rstrip("/")
+    interval = config.heartbeat_interval_s
+    timeout_s = max(2.0, interval)
+    retry_wait = wait_exponential(multiplier=0.2, max=max(interval, 1.0))
+    transient = retry_if_exception_type((aiohttp.ClientError, asyncio.TimeoutError, OSError,
+                                         DispatcherRefused))
+    while True:
+        # Register, retrying with backoff for as long as the dispatcher is away.
+        async for attempt in AsyncRetrying(retry=transient, wait=retry_wait):
+            with attempt:
+                n = attempt.retry_state.attempt_number
+                try:
+                    payload = RegisterRequest(inventory=node.inventory()).model_dump_json()
+                    await _post(http, base + "/v1/nodes/register", config.cluster_token,
+                                payload, timeout_s)
+                except Exception as exc:
+                    log.warning("registration.failed", dispatcher=base, attempt=n,
+                                error=str(exc) or type(exc).__name__)
+                    raise
+        log.info("registration.registered", dispatcher=base, node_id=config.node_id)
+        try:
+            await _heartbeat_until_forgotten(node, http, base, interval, timeout_s)
+        except DispatcherForgotUs:
+            log.warning("registration.forgotten", dispatcher=base)
+
+
+async def _heartbeat_until_forgotten(node: Node, http: aiohttp.ClientSession, base: str,
+                                     interval: float, timeout_s: float) -> None:
+    failing = False
+    while True:
+        await asyncio.sleep(interval)
+        beat = HeartbeatRequest(node_id=node.config.node_id, seq=node.next_seq(),
+                                devices=[node.device_status(d) for d in node.slots],
+                                models=node.model_statuses())
+        try:
+            await _post(http, base + "/v1/nodes/heartbeat", node.config.cluster_token,
+                        beat.model_dump_json(), timeout_s)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, DispatcherRefused) as exc:
+            if not failing:
+                log.warning("heartbeat.failed", dispatcher=base, error=str(exc) or
+                            type(exc).__name__)
+            failing = True
+            continue
+        if failing:
+            log.info("heartbeat.recovered", dispatcher=base)
+        failing = False

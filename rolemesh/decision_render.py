@@ -1,0 +1,29 @@
+"""A Decision as JSON for `/v1/route` and logs: the winner and every candidate's verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rolemesh.decision import Decision, Verdict
+
+
+def render_verdict(v: Verdict) -> dict[str, Any]:
+    return {
+        "node_id": v.node_id, "device_id": v.device_id, "model_id": v.model_id,
+        "chosen": v.chosen, "reason": v.reason.value, "queue": v.queue,
+        "memory_need_mb": v.memory_need_mb, "memory_total_mb": v.memory_total_mb,
+        "memory_free_mb": v.memory_free_mb, "eviction_cost": v.eviction_cost,
+        "evicts": v.evicts,
+    }
+
+
+def render_decision(decision: Decision) -> dict[str, Any]:
+    return {
+        "outcome": decision.outcome.value,
+        "models": list(decision.model_ids),
+        "action": decision.action.value if decision.action else None,
+        "winner": render_verdict(decision.winner) if decision.winner else None,
+        "explanation": decision.explain(),
+        "retry_after_s": decision.retry_after_s,
+        "candidates": [render_verdict(v) for v in decision.verdicts],
+    }

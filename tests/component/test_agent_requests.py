@@ -1,0 +1,129 @@
+"""The node agent serving requests through a fake llama-server: the happy paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+
+from rolemesh.api import NodeInventory
+from tests.agent_harness import agent_config, chat, post_chat, running_agent
+
+
+def two_models(tiny: dict[str, Path], **extra: object) -> list[dict[str, object]]:
+    return [
+        {"model_id": "letters-1", "path": str(tiny["letters"]), "roles": ["planner", "chat"],
+         **extra},
+        {"model_id": "digits-1", "path": str(tiny["digits"]), "roles": ["coder"], **extra},
+    ]
+
+
+async def test_chat_completion_by_role_is_answered_by_the_model_with_that_role(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    config = agent_config(tmp_path, two_models(tiny_models))
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        status, headers, body = await post_chat(s, agent.url, "coder")
+        assert status == 200
+        assert "digits" in body["choices"][0]["message"]["content"]
+        assert headers["X-RoleMesh-Device"] == "gpu:0"
+        assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
+        assert headers["X-RoleMesh-Slot-State"] == "ready"
+        assert headers["X-RoleMesh-In-Flight"] == "0"
+        assert headers["X-RoleMesh-Node"] == "node-a"
+
+
+async def test_streamed_chunks_arrive_before_the_answer_is_finished(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    models = two_models(tiny_models, server_args={"--fake-tokens-per-s": 10})
+    config = agent_config(tmp_path, models)
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        async with s.post(agent.url + "/v1/chat/completions",
+                          json=chat("planner", stream=True, max_tokens=20)) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            first = await resp.content.readuntil(b"\n\n")
+            # At 10 tokens/s, 20 tokens take ~2 s; the first chunk is here long before.
+            assert first.startswith(b"data: ")
+            assert agent.slot().snapshot().in_flight == 1
+            rest = await resp.content.read()
+        events = [e for e in (first + rest).split(b"\n\n") if e.strip()]
+        assert events[-1] == b"data: [DONE]"
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+                       for e in events[:-1])
+        assert "letters" in text
+
+
+async def test_requests_for_two_models_switch_the_device_between_them(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    config = agent_config(tmp_path, two_models(tiny_models))
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        _, _, first = await post_chat(s, agent.url, "planner")
+        _, headers, second = await post_chat(s, agent.url, "coder")
+        assert "letters" in first["choices"][0]["message"]["content"]
+        assert "digits" in second["choices"][0]["message"]["content"]
+        assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
+        assert [s.value for s in agent.slot().history] == [
+            "empty", "starting", "ready", "draining", "stopping", "starting", "ready"]
+
+
+async def test_a_second_empty_device_loads_the_other_model_instead_of_evicting(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    record = tmp_path / "spawns.jsonl"
+    models = two_models(tiny_models, server_args={"--fake-record": str(record)})
+    config = agent_config(tmp_path, models)
+    async with running_agent(config, fake_llama_server_bin, gpus_mb=[8000, 8000]) as agent, \
+            aiohttp.ClientSession() as s:
+        _, h1, _ = await post_chat(s, agent.url, "planner")
+        _, h2, _ = await post_chat(s, agent.url, "coder")
+        _, h3, _ = await post_chat(s, agent.url, "planner")
+        assert {h1["X-RoleMesh-Device"], h2["X-RoleMesh-Device"]} == {"gpu:0", "gpu:1"}
+        assert h3["X-RoleMesh-Device"] == h1["X-RoleMesh-Device"]
+        spawns = [json.loads(line) for line in record.read_text().splitlines()]
+        assert len(spawns) == 2  # one load per model, no eviction
+        pins = sorted(sp["env"]["CUDA_VISIBLE_DEVICES"] for sp in spawns)
+        assert pins == ["0", "1"]
+
+
+async def test_the_device_named_by_the_dispatcher_is_used(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    config = agent_config(tmp_path, two_models(tiny_models))
+    async with running_agent(config, fake_llama_server_bin, gpus_mb=[8000, 8000]) as agent, \
+            aiohttp.ClientSession() as s:
+        status, headers, _ = await post_chat(s, agent.url, "planner",
+                                             headers={"X-RoleMesh-Device": "gpu:1"})
+        assert status == 200
+        assert headers["X-RoleMesh-Device"] == "gpu:1"
+        status, _, body = await post_chat(s, agent.url, "planner",
+                                          headers={"X-RoleMesh-Device": "gpu:7"})
+        assert status == 400
+        assert body["error"]["code"] == "unknown_device"
+
+
+async def test_models_and_inventory_describe_the_node(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    config = agent_config(tmp_path, two_models(tiny_models))
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        await post_chat(s, agent.url, "chat")
+        async with s.get(agent.url + "/v1/models") as resp:
+            listed = await resp.json()
+        ids = {m["id"]: m for m in listed["data"]}
+        assert ids["letters-1"]["roles"] == ["planner", "chat"]
+        assert ids["coder"]["kind"] == "role"
+        assert ids["coder"]["models"] == ["digits-1"]
+        async with s.get(agent.url + "/v1/node/inventory") as resp:
+            inv = NodeInventory.model_validate(await resp.json())
+        assert inv.node_id == "node-a"
+        (device,) = inv.devices
+        assert device.loaded_model == "letters-1"
+        assert device.slot_state == "ready"
+        assert device.memory_total_mb == 8000
+        by_id = {m.model_id: m for m in inv.models}
+        assert by_id["letters-1"].memory_need_mb >= by_id["letters-1"].file_size_mb
+        assert by_id["letters-1"].last_load_s is not None
+        assert by_id["letters-1"].recent_requests == 1
+        assert by_id["digits-1"].last_load_s is None
