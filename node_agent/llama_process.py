@@ -138,7 +138,7 @@ class LlamaProcess:
                 if resp.status != 200:
                     return False
                 body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             return False
         ids = {str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)}
         return model_name in ids
@@ -149,7 +149,7 @@ class LlamaProcess:
             self._signal_group(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), grace_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("llama.kill_after_grace", pid=self.pid, grace_s=grace_s)
                 self._signal_group(signal.SIGKILL)
                 await self.proc.wait()

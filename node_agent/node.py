@@ -7,14 +7,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
+
 from node_agent.backends import DeviceBackend, DeviceFigures
 from node_agent.config import ModelConfig, NodeAgentConfig
 from node_agent.slot import DeviceSlot
 from rolemesh.api import DeviceStatus, ModelStatus, NodeInventory
 from rolemesh.decision import Decision, DeviceView, ModelCost, Outcome, Policy, choose
-from rolemesh.errors import (BadRequest, DeviceBusy, ModelDoesNotFit, ModelNotFound,
-                             ModelNotReady, UnknownDevice)
-from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
+from rolemesh.errors import (
+    BadRequest,
+    DeviceBusy,
+    ModelDoesNotFit,
+    ModelNotFound,
+    ModelNotReady,
+    UnknownDevice,
+)
 
 _MB = 1024 * 1024
 FIGURES_TTL_S = 1.0

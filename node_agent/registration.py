@@ -76,7 +76,7 @@ async def _heartbeat_until_forgotten(node: Node, http: aiohttp.ClientSession, ba
         try:
             await _post(http, base + "/v1/nodes/heartbeat", node.config.cluster_token,
                         beat.model_dump_json(), timeout_s)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, DispatcherRefused) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, DispatcherRefused) as exc:
             if not failing:
                 log.warning("heartbeat.failed", dispatcher=base, error=str(exc) or
                             type(exc).__name__)

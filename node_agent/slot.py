@@ -27,8 +27,7 @@ from typing import Protocol
 
 import aiohttp
 import structlog
-from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt,
-                      wait_exponential)
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from node_agent.config import ModelConfig
 from node_agent.llama_argv import build_argv
@@ -211,7 +210,8 @@ class DeviceSlot:
             self._begin_switch(self._waiters[0].model)
 
     def _pump_loaded(self) -> None:
-        assert self._model is not None and self._process is not None
+        assert self._model is not None
+        assert self._process is not None
         loaded = self._model.model_id
         same = [w for w in self._waiters if w.model.model_id == loaded]
         other = [w for w in self._waiters if w.model.model_id != loaded]

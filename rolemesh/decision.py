@@ -135,13 +135,16 @@ class Decision:
     def explain(self) -> str:
         if self.winner is not None and self.action is not None:
             w = self.winner
-            return f"{w.model_id} on {w.node_id}/{w.device_id}: {self.action.value} ({w.reason.value})"
+            return (f"{w.model_id} on {w.node_id}/{w.device_id}: {self.action.value} "
+                    f"({w.reason.value})")
         names = ", ".join(self.model_ids)
         match self.outcome:
             case Outcome.NO_CANDIDATES:
                 return f"no node serves {names}"
-            case Outcome.ALL_DOWN:
+            case Outcome.ALL_DOWN if all(v.reason == Reason.NODE_DOWN for v in self.verdicts):
                 return f"every node that serves {names} is down"
+            case Outcome.ALL_DOWN:
+                return f"every device large enough for {names} is down"
             case Outcome.FITS_NOWHERE:
                 return (f"{names} needs about {self.smallest_need_mb} MB; the largest device "
                         f"has {self.largest_device_mb} MB")
@@ -150,9 +153,13 @@ class Decision:
 
 
 def fits_device(cost: ModelCost, device: DeviceView, policy: Policy) -> bool:
-    if device.memory_total_mb is None:
+    return _fits(cost.memory_need_mb, device.memory_total_mb, policy)
+
+
+def _fits(need_mb: int | None, total_mb: int | None, policy: Policy) -> bool:
+    if need_mb is None or total_mb is None:
         return True  # unknown size: the load itself will tell
-    return cost.memory_need_mb <= device.memory_total_mb * policy.memory_safety_margin
+    return need_mb <= total_mb * policy.memory_safety_margin
 
 
 def eviction_cost(device: DeviceView, holders: Mapping[str, int]) -> float:
@@ -188,14 +195,16 @@ def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
             if verdict.reason in eligible:
                 eligible[verdict.reason].append(verdict)
 
+    # Every key ends with (node, device, model): a tie never depends on input order.
     rank = {
-        Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0), v.node_id, v.device_id),
+        Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0),
+                                        v.node_id, v.device_id, v.model_id),
         Reason.FITS_EMPTY_DEVICE: lambda v: (-(v.memory_free_mb or 0), v.queue,
-                                             v.node_id, v.device_id),
+                                             v.node_id, v.device_id, v.model_id),
         Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, -(v.memory_total_mb or 0),
-                                            v.node_id, v.device_id),
+                                            v.node_id, v.device_id, v.model_id),
         Reason.SWITCH_AFTER_QUEUE: lambda v: (v.queue, v.eviction_cost or 0.0,
-                                              v.node_id, v.device_id),
+                                              v.node_id, v.device_id, v.model_id),
     }
     for reason, action in _RULE_OF_REASON.items():
         group = eligible[reason]
@@ -246,10 +255,13 @@ def _nothing(wanted: tuple[str, ...], verdicts: tuple[Verdict, ...],
     if not verdicts:
         return Decision(Outcome.NO_CANDIDATES, wanted, verdicts)
     reasons = {v.reason for v in verdicts}
-    if reasons == {Reason.NODE_DOWN}:
-        return Decision(Outcome.ALL_DOWN, wanted, verdicts,
-                        retry_after_s=policy.busy_retry_after_s)
     if reasons <= {Reason.DOES_NOT_FIT, Reason.NODE_DOWN}:
+        # Down devices were not sized up: if one of them would hold the model, the model
+        # does fit somewhere, and waiting for that node is the answer.
+        if any(v.reason == Reason.NODE_DOWN and _fits(v.memory_need_mb, v.memory_total_mb, policy)
+               for v in verdicts):
+            return Decision(Outcome.ALL_DOWN, wanted, verdicts,
+                            retry_after_s=policy.busy_retry_after_s)
         needs = [v.memory_need_mb for v in verdicts if v.memory_need_mb is not None]
         sizes = [d.memory_total_mb for d in devices
                  if d.memory_total_mb is not None and any(m in d.servable for m in wanted)]

@@ -39,7 +39,7 @@ async def open_upstream(http: aiohttp.ClientSession, url: str, body: bytes,
     """POST and wait for the status line; connection failures become UpstreamFailed."""
     try:
         return await http.post(url, data=body, headers=headers, timeout=timeout)
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise GatewayTimeout(f"the upstream did not answer in time ({url})") from exc
     except aiohttp.ClientError as exc:
         raise UpstreamFailed(f"the upstream failed before answering: {exc}") from exc
@@ -48,7 +48,7 @@ async def open_upstream(http: aiohttp.ClientSession, url: str, body: bytes,
 async def read_whole(upstream: aiohttp.ClientResponse) -> bytes:
     try:
         return await upstream.read()
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise GatewayTimeout("the upstream stopped answering mid-response") from exc
     except aiohttp.ClientError as exc:
         raise UpstreamFailed(f"the upstream failed mid-response: {exc}") from exc
@@ -78,7 +78,7 @@ async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse,
         try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             message = ("the upstream stopped answering" if isinstance(exc, asyncio.TimeoutError)
                        else f"the upstream failed mid-stream: {exc}")
             await response.write(sse_error_event(message))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 from node_agent.backends import BackendUnavailable, DeviceFigures
@@ -39,10 +40,8 @@ class PynvmlAdapter:
                 "installed and is libnvidia-ml.so on this host?") from exc
 
     def shutdown(self) -> None:
-        try:
+        with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
-        except self._nvml.NVMLError:
-            pass
 
     def device_count(self) -> int:
         return int(self._nvml.nvmlDeviceGetCount())

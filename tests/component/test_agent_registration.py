@@ -63,7 +63,8 @@ async def test_agent_registers_heartbeats_with_rising_seq_and_reregisters_after_
             assert inv.url == config.url
             assert [m.model_id for m in inv.models] == ["letters-1"]
             seqs = [h.seq for h in fake.heartbeats]
-            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            assert seqs == sorted(seqs)
+            assert len(set(seqs)) == len(seqs)
             assert seqs[0] > inv.seq
             assert set(fake.auth_seen) == {"Bearer tok"}
             fake.known.clear()  # the dispatcher restarts and forgets the node

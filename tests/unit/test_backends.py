@@ -76,8 +76,10 @@ def test_meminfo_gives_total_and_available_in_mb():
 def test_cpu_backend_reads_this_hosts_ram_and_hides_gpus_from_its_child():
     (cpu,) = CpuBackend().devices()
     assert cpu.device_id == "cpu"
-    assert cpu.memory_total_mb and cpu.memory_total_mb > 0
-    assert cpu.memory_free_mb is not None and 0 <= cpu.memory_free_mb <= cpu.memory_total_mb
+    assert cpu.memory_total_mb
+    assert cpu.memory_total_mb > 0
+    assert cpu.memory_free_mb is not None
+    assert 0 <= cpu.memory_free_mb <= cpu.memory_total_mb
     assert dict(cpu.pin_env) == {"CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -112,7 +114,8 @@ def test_metal_backend_reads_unified_memory_and_admits_used_is_unknown():
     backend = MetalBackend(run=lambda argv: str(32 * 1024 * MB) + "\n", platform="darwin")
     (gpu,) = backend.devices()
     assert gpu.memory_total_mb == 32768
-    assert gpu.memory_used_mb is None and gpu.memory_free_mb is None
+    assert gpu.memory_used_mb is None
+    assert gpu.memory_free_mb is None
 
 
 @pytest.mark.parametrize("name", ["vulkan", "sycl"])

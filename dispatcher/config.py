@@ -1,0 +1,103 @@
+"""The dispatcher's config: where it listens, who may talk to it, how it judges nodes."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TOKEN_ENV = "ROLEMESH_CLUSTER_TOKEN"
+TIMEOUT_HEARTBEATS = 3  # node_timeout_s defaults to this many heartbeat intervals
+FORGET_TIMEOUTS = 4  # node_forget_s defaults to this many node timeouts
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _is_name(value: str) -> bool:
+    return bool(value) and not any(c.isspace() for c in value)
+
+
+class DispatcherConfig(StrictModel):
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8080, ge=0, le=65535)
+    cluster_token: str | None = Field(default=None, repr=False)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    node_timeout_s: float | None = Field(default=None, gt=0)  # None: 3 x heartbeat_interval_s
+    node_forget_s: float | None = Field(default=None, gt=0)  # None: 4 x node_timeout_s
+    vram_safety_margin: float = Field(default=0.9, gt=0, le=1)
+    roles: dict[str, str] = Field(default_factory=dict)  # alias -> role or model id
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=16)
+    busy_retry_after_s: float = Field(default=1.0, gt=0)
+    default_load_s: float = Field(default=5.0, ge=0)
+    api_keys: list[str] | None = Field(default=None, repr=False)
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("roles")
+    @classmethod
+    def _aliases_are_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for alias, target in value.items():
+            if not _is_name(alias):
+                raise ValueError(f"{alias!r} is not an alias name")
+            if not _is_name(target):
+                raise ValueError(f"{alias}: {target!r} is not a role or model id")
+            if alias == target:
+                raise ValueError(f"{alias}: an alias cannot name itself")
+            if target in value:
+                raise ValueError(f"{alias}: {target!r} is itself an alias; aliases do not "
+                                 "chain, name the role or model id")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_are_given(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty list would refuse every client; leave api_keys out "
+                             "to allow clients without a key")
+        if any(not key.strip() for key in value):
+            raise ValueError("an api key cannot be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> DispatcherConfig:
+        if not self.cluster_token:
+            self.cluster_token = os.environ.get(TOKEN_ENV) or None
+        if self.node_timeout_s is None:
+            self.node_timeout_s = TIMEOUT_HEARTBEATS * self.heartbeat_interval_s
+        elif self.node_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(f"node_timeout_s: {self.node_timeout_s:g} must be longer than "
+                             f"heartbeat_interval_s ({self.heartbeat_interval_s:g}), or every "
+                             "node would flap between up and down")
+        if self.node_forget_s is None:
+            self.node_forget_s = FORGET_TIMEOUTS * self.node_timeout_s
+        elif self.node_forget_s <= self.node_timeout_s:
+            raise ValueError(f"node_forget_s: {self.node_forget_s:g} must be longer than "
+                             f"node_timeout_s ({self.node_timeout_s:g})")
+        return self
+
+    @property
+    def timeout_s(self) -> float:
+        assert self.node_timeout_s is not None  # resolved by the validator
+        return self.node_timeout_s
+
+    @property
+    def forget_s(self) -> float:
+        assert self.node_forget_s is not None  # resolved by the validator
+        return self.node_forget_s
+
+    def public_dump(self) -> dict[str, object]:
+        """The resolved config for printing: secrets masked."""
+        data = self.model_dump(mode="json")
+        if data.get("cluster_token"):
+            data["cluster_token"] = "***"
+        if data.get("api_keys"):
+            data["api_keys"] = ["***"] * len(data["api_keys"])
+        return data

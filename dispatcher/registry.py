@@ -1,0 +1,228 @@
+"""The node registry: the one owner of what the dispatcher knows about nodes and devices.
+
+Only `Registry`'s methods change that knowledge: registrations, heartbeats (a rising `seq`;
+older ones are dropped), expiry (missed heartbeats -> `down`, later forgotten), the device
+state that every agent response carries in its headers, and the dispatcher's own count of
+requests in flight per device. Records are immutable and replaced on change, so a
+`snapshot()` can be read by the pure functions in `dispatcher.views` without copying them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import structlog
+
+from rolemesh.api import (DeviceStatus, HeartbeatRequest, ModelStatus, NodeInventory,
+                          NodeState, SlotState)
+from rolemesh.decision import ModelCost
+from rolemesh.errors import NodeNotFound
+
+log = structlog.get_logger("dispatcher.registry")
+
+Key = tuple[str, str]  # (node_id, device_id)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """One device: the node's last full report, overlaid with fresher observations."""
+
+    status: DeviceStatus  # memory, name, limits: from the last registration or heartbeat
+    slot_state: SlotState  # these four: from the freshest of heartbeat, response headers
+    loaded_model: str | None  # and the dispatcher's own routing (see Registry.expect)
+    in_flight: int
+    pending: int
+    # The part of the reported queue (in_flight + pending) that was not this dispatcher's
+    # own requests at the moment of the report: other dispatchers, direct clients.
+    others: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node_id: str
+    url: str
+    backend: str
+    state: NodeState
+    seq: int
+    registered_at: float
+    last_seen: float  # when the last accepted registration or heartbeat arrived
+    models: tuple[ModelStatus, ...]
+    costs: Mapping[str, ModelCost]  # model id -> what holding and loading it costs here
+    recent_requests: Mapping[str, int]  # model id -> requests served in the recent window
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySnapshot:
+    nodes: Mapping[str, NodeRecord]
+    devices: Mapping[Key, DeviceRecord]
+    own_in_flight: Mapping[Key, int]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    node_id: str
+    change: str  # "down" or "forgotten"
+
+
+class Registry:
+    def __init__(self, *, timeout_s: float, forget_s: float, default_load_s: float = 5.0,
+                 clock: Callable[[], float]) -> None:
+        self.timeout_s = timeout_s
+        self.forget_s = forget_s
+        self.default_load_s = default_load_s
+        self._clock = clock
+        self._nodes: dict[str, NodeRecord] = {}
+        self._devices: dict[Key, DeviceRecord] = {}
+        self._own: dict[Key, int] = {}
+        # Rises whenever nodes, their models or their up/down state change (not per
+        # request): caches of what the cluster serves key on it.
+        self.version = 0
+
+    # -- reports from nodes ------------------------------------------------------------------
+
+    def register(self, inventory: NodeInventory) -> NodeRecord:
+        """A node (re)joins. Always accepted: a restarted agent starts its `seq` again."""
+        now = self._clock()
+        old = self._nodes.get(inventory.node_id)
+        if old is not None and old.url != inventory.url:
+            log.warning("node.url_changed", node_id=inventory.node_id, old_url=old.url,
+                        url=inventory.url)
+        node = NodeRecord(
+            node_id=inventory.node_id, url=inventory.url.rstrip("/"), backend=inventory.backend,
+            state=NodeState.UP, seq=inventory.seq, registered_at=now, last_seen=now,
+            models=(), costs={}, recent_requests={}, device_ids=())
+        node = self._with_models(node, inventory.models)
+        self._drop_devices(inventory.node_id)
+        self._nodes[inventory.node_id] = self._with_devices(node, inventory.devices)
+        self.version += 1
+        log.info("node.registered", node_id=inventory.node_id, url=inventory.url,
+                 devices=[d.device_id for d in inventory.devices],
+                 models=[m.model_id for m in inventory.models], again=old is not None)
+        return self._nodes[inventory.node_id]
+
+    def heartbeat(self, beat: HeartbeatRequest) -> bool:
+        """Apply a heartbeat; False when it is not newer than the last report (dropped)."""
+        node = self._nodes.get(beat.node_id)
+        if node is None:
+            raise NodeNotFound(f"node {beat.node_id!r} is not registered; register again")
+        if beat.seq <= node.seq:
+            log.debug("node.heartbeat_dropped", node_id=beat.node_id, seq=beat.seq,
+                      last_seq=node.seq)
+            return False
+        updated = replace(node, seq=beat.seq, last_seen=self._clock(), state=NodeState.UP)
+        if beat.models is not None:
+            updated = self._with_models(updated, beat.models)
+        self._drop_devices(beat.node_id, keep={d.device_id for d in beat.devices})
+        self._nodes[beat.node_id] = self._with_devices(updated, beat.devices)
+        self.version += 1
+        if node.state is not NodeState.UP:
+            log.info("node.state_changed", node_id=beat.node_id, old=node.state.value,
+                     new=NodeState.UP.value, why="heartbeat")
+        return True
+
+    def expire(self) -> list[Change]:
+        """Mark nodes that missed heartbeats `down`, forget those gone for longer."""
+        now = self._clock()
+        changes: list[Change] = []
+        for node in list(self._nodes.values()):
+            silent_s = now - node.last_seen
+            if silent_s >= self.forget_s:
+                del self._nodes[node.node_id]
+                self._drop_devices(node.node_id)
+                changes.append(Change(node.node_id, "forgotten"))
+                log.warning("node.forgotten", node_id=node.node_id, silent_s=round(silent_s, 3))
+            elif silent_s >= self.timeout_s and node.state is NodeState.UP:
+                self._nodes[node.node_id] = replace(node, state=NodeState.DOWN)
+                changes.append(Change(node.node_id, "down"))
+                log.warning("node.state_changed", node_id=node.node_id, old="up", new="down",
+                            why="missed heartbeats", silent_s=round(silent_s, 3))
+        if changes:
+            self.version += 1
+        return changes
+
+    def mark_down(self, node_id: str, why: str) -> bool:
+        """Stop routing to a node now (its agent refused a connection); a heartbeat revives it."""
+        node = self._nodes.get(node_id)
+        if node is None or node.state is NodeState.DOWN:
+            return False
+        self._nodes[node_id] = replace(node, state=NodeState.DOWN)
+        self.version += 1
+        log.warning("node.state_changed", node_id=node_id, old="up", new="down", why=why)
+        return True
+
+    # -- what the dispatcher sees between heartbeats -------------------------------------------
+
+    def observe(self, key: Key, slot_state: SlotState, loaded_model: str | None,
+                in_flight: int, pending: int) -> None:
+        """A device's state as an agent response's headers report it, right after it."""
+        record = self._devices.get(key)
+        if record is None:
+            return
+        others = max(0, in_flight + pending - self._own.get(key, 0))
+        self._devices[key] = DeviceRecord(record.status, slot_state, loaded_model, in_flight,
+                                          pending, others)
+
+    def expect(self, key: Key, model_id: str) -> None:
+        """The dispatcher just sent `model_id` to a device that did not hold it.
+
+        The agent starts loading it at once; saying so here keeps the next decisions (made
+        before any header or heartbeat tells) from sending another model to the same device
+        while an empty one waits.
+        """
+        record = self._devices.get(key)
+        if record is not None and record.loaded_model != model_id:
+            self._devices[key] = replace(record, slot_state=SlotState.STARTING,
+                                         loaded_model=model_id)
+
+    def begin(self, key: Key) -> None:
+        self._own[key] = self._own.get(key, 0) + 1
+
+    def end(self, key: Key) -> None:
+        left = self._own.get(key, 0) - 1
+        if left > 0:
+            self._own[key] = left
+        else:
+            self._own.pop(key, None)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def snapshot(self) -> RegistrySnapshot:
+        # Shallow copies of three small dicts: the records themselves are immutable.
+        return RegistrySnapshot(dict(self._nodes), dict(self._devices), dict(self._own),
+                                self._clock())
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        return self._nodes.get(node_id)
+
+    def own_in_flight(self, key: Key) -> int:
+        return self._own.get(key, 0)
+
+    def count_by_state(self) -> dict[NodeState, int]:
+        counts = dict.fromkeys(NodeState, 0)
+        for node in self._nodes.values():
+            counts[node.state] += 1
+        return counts
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _with_models(self, node: NodeRecord, models: list[ModelStatus]) -> NodeRecord:
+        costs = {m.model_id: ModelCost(m.memory_need_mb, m.last_load_s
+                                       if m.last_load_s is not None else self.default_load_s)
+                 for m in models}
+        recent = {m.model_id: m.recent_requests for m in models}
+        return replace(node, models=tuple(models), costs=costs, recent_requests=recent)
+
+    def _with_devices(self, node: NodeRecord, devices: list[DeviceStatus]) -> NodeRecord:
+        for d in devices:
+            key = (node.node_id, d.device_id)
+            others = max(0, d.in_flight + d.pending - self._own.get(key, 0))
+            self._devices[key] = DeviceRecord(d, d.slot_state, d.loaded_model, d.in_flight,
+                                              d.pending, others)
+        return replace(node, device_ids=tuple(d.device_id for d in devices))
+
+    def _drop_devices(self, node_id: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        for key in [k for k in self._devices if k[0] == node_id and k[1] not in keep]:
+            del self._devices[key]

@@ -1,0 +1,72 @@
+"""Pure functions from a registry snapshot: the decision's DeviceViews and the inventory."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from dispatcher.registry import Key, NodeRecord, RegistrySnapshot
+from rolemesh.api import ClusterDevice, ClusterNode, ClusterNodes, NodeState
+from rolemesh.decision import DeviceView
+
+
+def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],
+                 exclude: Collection[Key] = ()) -> list[DeviceView]:
+    """The devices of `node_ids` as the decision sees them, less those in `exclude`.
+
+    The queue of a device is the dispatcher's own live count plus what the node last
+    reported beyond the dispatcher's requests (`others`). Reported figures alone go stale
+    between heartbeats (a request sent a millisecond ago is not in them; one that finished
+    still is); the own count alone misses traffic from other clients. max(reported, own)
+    would count a finished request until the next report; own + others does not, and it
+    is exact for this dispatcher's share, which is what changes fastest. The sum is given
+    as `in_flight` (with `pending` 0): the decision only uses their sum.
+    """
+    views: list[DeviceView] = []
+    nodes = snapshot.nodes
+    devices = snapshot.devices
+    own = snapshot.own_in_flight
+    for node_id in node_ids:
+        node = nodes.get(node_id)
+        if node is None:
+            continue
+        up = node.state is NodeState.UP
+        for device_id in node.device_ids:
+            key = (node_id, device_id)
+            if key in exclude:
+                continue
+            d = devices.get(key)
+            if d is None:
+                continue
+            status = d.status
+            views.append(DeviceView(
+                node_id=node_id, device_id=device_id, servable=node.costs,
+                memory_total_mb=status.memory_total_mb, memory_free_mb=status.memory_free_mb,
+                loaded_model=d.loaded_model, slot_state=d.slot_state,
+                in_flight=own.get(key, 0) + d.others, pending=0,
+                pending_limit=status.pending_limit, up=up,
+                recent_requests=node.recent_requests))
+    return views
+
+
+def cluster_node(snapshot: RegistrySnapshot, node: NodeRecord) -> ClusterNode:
+    devices = []
+    for device_id in node.device_ids:
+        key = (node.node_id, device_id)
+        d = snapshot.devices.get(key)
+        if d is None:
+            continue
+        status = d.status.model_copy(update={
+            "slot_state": d.slot_state, "loaded_model": d.loaded_model,
+            "in_flight": d.in_flight, "pending": d.pending})
+        devices.append(ClusterDevice(node_id=node.node_id, status=status,
+                                     dispatcher_in_flight=snapshot.own_in_flight.get(key, 0)))
+    return ClusterNode(
+        node_id=node.node_id, url=node.url, backend=node.backend, state=node.state,
+        last_heartbeat_age_s=round(max(0.0, snapshot.now - node.last_seen), 3),
+        registered_age_s=round(max(0.0, snapshot.now - node.registered_at), 3),
+        devices=devices, models=list(node.models))
+
+
+def cluster_nodes(snapshot: RegistrySnapshot) -> ClusterNodes:
+    return ClusterNodes(data=[cluster_node(snapshot, snapshot.nodes[n])
+                              for n in sorted(snapshot.nodes)])
