@@ -103,6 +103,11 @@ class NodeAgentConfig(StrictModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     models: list[ModelConfig] = Field(default_factory=list)
 
+    @field_validator("state_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
     @model_validator(mode="after")
     def _check(self) -> NodeAgentConfig:
         if self.cluster_token is None:

@@ -59,6 +59,7 @@ _RULE_OF_REASON: dict[Reason, Action] = {
 }
 
 _LOADED_STATES = frozenset({SlotState.READY, SlotState.STARTING})
+_SWITCHING_STATES = frozenset({SlotState.DRAINING, SlotState.STOPPING})
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,9 @@ def _judge(device: DeviceView, model_id: str, cost: ModelCost, policy: Policy,
         return verdict(Reason.AT_PENDING_LIMIT)
     if device.holds_model and device.loaded_model == model_id:
         return verdict(Reason.MODEL_LOADED)
+    if device.slot_state in _SWITCHING_STATES:
+        # Mid-switch to some model: usable once that switch and its queue are done.
+        return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=0.0, evicts=device.loaded_model)
     if not device.holds_model:
         free = device.memory_free_mb
         if free is not None and cost.memory_need_mb > free:

@@ -299,13 +299,13 @@ REASONS: dict[str, tuple[DeviceView, Reason] | tuple[DeviceView, Reason, Policy]
     "a ready slot with the model is model_loaded": (dev(loaded="small"), Reason.MODEL_LOADED),
     "a starting slot with the model is model_loaded":
         (dev(loaded="small", state=SlotState.STARTING), Reason.MODEL_LOADED),
-    "a draining slot with the model is treated as empty":
-        (dev(loaded="small", state=SlotState.DRAINING), Reason.FITS_EMPTY_DEVICE),
-    "a draining slot whose memory is still held has not enough free memory":
-        (dev(loaded="small", state=SlotState.DRAINING, free=1_000),
-         Reason.NOT_ENOUGH_FREE_MEMORY),
-    "a stopping slot with the model is treated as empty":
-        (dev(loaded="small", state=SlotState.STOPPING, free=24_000), Reason.FITS_EMPTY_DEVICE),
+    "a draining slot is mid-switch: usable only after it":
+        (dev(loaded="small", state=SlotState.DRAINING), Reason.SWITCH_AFTER_QUEUE),
+    "a draining slot is mid-switch whatever its free memory":
+        (dev(loaded="small", state=SlotState.DRAINING, free=1_000), Reason.SWITCH_AFTER_QUEUE),
+    "a stopping slot is mid-switch: usable only after it":
+        (dev(loaded="small", state=SlotState.STOPPING, free=24_000),
+         Reason.SWITCH_AFTER_QUEUE),
     "a failed slot with the model is treated as empty":
         (dev(loaded="small", state=SlotState.FAILED, free=24_000), Reason.FITS_EMPTY_DEVICE),
     "a ready slot claiming no model is treated as empty":
