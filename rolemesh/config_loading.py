@@ -42,10 +42,11 @@ def load_config_file(path: str | Path, model: type[ConfigT]) -> ConfigT:
 def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        where = ".".join(str(part) for part in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"{source}: {where}: {msg}")
+        # Whole-config checks name their own key path at the start of the message.
+        lines.append(f"{source}: {where}: {msg}" if where else f"{source}: {msg}")
     return "\n".join(lines)

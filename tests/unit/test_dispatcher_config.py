@@ -1,0 +1,120 @@
+"""The dispatcher's config: defaults, strictness, the token from the environment, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dispatcher.cli import EXIT_CONFIG, main
+from dispatcher.config import DispatcherConfig
+from rolemesh.config_loading import ConfigError, load_config, load_config_file
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "configs" / "dispatcher.example.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _no_token_in_env(monkeypatch):
+    monkeypatch.delenv("ROLEMESH_CLUSTER_TOKEN", raising=False)
+
+
+def load(text: str) -> DispatcherConfig:
+    return load_config(text, DispatcherConfig, source="d.yaml")
+
+
+def test_an_empty_config_gets_every_default():
+    c = load("")
+    assert c.listen_host == "127.0.0.1"
+    assert c.listen_port == 8080
+    assert c.cluster_token is None
+    assert c.heartbeat_interval_s == 5.0
+    assert c.node_timeout_s == 15.0
+    assert c.node_forget_s == 60.0
+    assert c.vram_safety_margin == 0.9
+    assert c.roles == {}
+    assert c.api_keys is None
+    assert c.max_body_bytes == 16 * 1024 * 1024
+    assert c.request_timeout_s == 600.0
+    assert c.max_attempts == 3
+
+
+def test_node_timeout_defaults_to_three_heartbeat_intervals():
+    c = load("heartbeat_interval_s: 2")
+    assert c.node_timeout_s == 6.0
+    assert c.node_forget_s == 24.0
+
+
+def test_explicit_timeouts_are_kept():
+    c = load("heartbeat_interval_s: 1\nnode_timeout_s: 10\nnode_forget_s: 100")
+    assert (c.timeout_s, c.forget_s) == (10.0, 100.0)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("listen_prot: 80", "d.yaml: listen_prot: unknown key"),
+    ("roles: {planning: planner}\nrole: {}", "d.yaml: role: unknown key"),
+    ("listen_port: 70000", "d.yaml: listen_port: Input should be less than or equal to 65535"),
+    ("vram_safety_margin: 1.5", "d.yaml: vram_safety_margin: Input should be less than or "
+                                "equal to 1"),
+    ("heartbeat_interval_s: 5\nnode_timeout_s: 4",
+     "d.yaml: node_timeout_s: 4 must be longer than heartbeat_interval_s (5)"),
+    ("node_timeout_s: 10\nnode_forget_s: 10",
+     "d.yaml: node_forget_s: 10 must be longer than node_timeout_s (10)"),
+    ("api_keys: []", "d.yaml: api_keys: an empty list would refuse every client"),
+    ("api_keys: ['']", "d.yaml: api_keys: an api key cannot be empty"),
+    ("roles: {code: 'my coder'}", "d.yaml: roles: code: 'my coder' is not a role or model id"),
+    ("roles: {code: code}", "d.yaml: roles: code: an alias cannot name itself"),
+    ("roles: {a: b, b: coder}", "d.yaml: roles: a: 'b' is itself an alias"),
+])
+def test_a_bad_config_names_the_file_the_key_and_the_problem(text, expected):
+    with pytest.raises(ConfigError) as err:
+        load(text)
+    assert str(err.value).startswith(expected)
+
+
+def test_the_cluster_token_comes_from_the_environment_when_not_in_the_file(monkeypatch):
+    monkeypatch.setenv("ROLEMESH_CLUSTER_TOKEN", "from-env")
+    assert load("").cluster_token == "from-env"
+    assert load("cluster_token: from-file").cluster_token == "from-file"
+
+
+def test_role_aliases_are_read_as_a_mapping():
+    c = load("roles:\n  planning: planner\n  code: coder\n")
+    assert c.roles == {"planning": "planner", "code": "coder"}
+
+
+def test_secrets_are_masked_in_the_public_dump_and_the_repr():
+    c = load("cluster_token: tok-123\napi_keys: [k-1, k-2]")
+    dump = c.public_dump()
+    assert dump["cluster_token"] == "***"
+    assert dump["api_keys"] == ["***", "***"]
+    assert "tok-123" not in repr(c)
+    assert "k-1" not in repr(c)
+
+
+def test_the_example_config_loads_and_documents_every_key():
+    config = load_config_file(EXAMPLE, DispatcherConfig)
+    assert config.roles  # the example shows aliases
+    text = EXAMPLE.read_text()
+    for key in DispatcherConfig.model_fields:
+        assert f"{key}:" in text, f"{key} is not documented in {EXAMPLE.name}"
+
+
+def test_check_config_prints_the_resolved_config_with_secrets_masked(tmp_path, capsys):
+    path = tmp_path / "d.yaml"
+    path.write_text("cluster_token: tok-123\nheartbeat_interval_s: 2\n")
+    assert main(["--config", str(path), "--check-config"]) == 0
+    out = capsys.readouterr().out
+    resolved = json.loads(out)
+    assert resolved["node_timeout_s"] == 6.0
+    assert resolved["cluster_token"] == "***"
+    assert "tok-123" not in out
+
+
+def test_a_bad_config_exits_with_the_config_error_code(tmp_path, capsys):
+    path = tmp_path / "d.yaml"
+    path.write_text("listen_prot: 80\n")
+    assert main(["--config", str(path), "--check-config"]) == EXIT_CONFIG
+    assert f"{path}: listen_prot: unknown key" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == EXIT_CONFIG

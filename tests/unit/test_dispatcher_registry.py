@@ -1,0 +1,231 @@
+"""The node registry: registrations, heartbeat ordering, expiry, comeback, live counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.registry import Change, Registry
+from rolemesh.api import (
+    DeviceStatus,
+    HeartbeatRequest,
+    ModelStatus,
+    NodeInventory,
+    NodeState,
+    SlotState,
+)
+from rolemesh.decision import ModelCost
+from rolemesh.errors import NodeNotFound
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def device(device_id: str = "gpu:0", **kw: object) -> DeviceStatus:
+    fields: dict[str, object] = {"name": "GPU", "backend": "cuda", "memory_total_mb": 24000,
+                                 "memory_used_mb": 0, "memory_free_mb": 24000}
+    fields.update(kw)
+    return DeviceStatus(device_id=device_id, **fields)  # type: ignore[arg-type]
+
+
+def model(model_id: str = "m1", **kw: object) -> ModelStatus:
+    fields: dict[str, object] = {"roles": ["planner"], "file_size_mb": 4000,
+                                 "memory_need_mb": 5000}
+    fields.update(kw)
+    return ModelStatus(model_id=model_id, **fields)  # type: ignore[arg-type]
+
+
+def inventory(node_id: str = "node-a", seq: int = 1, devices: list[DeviceStatus] | None = None,
+              models: list[ModelStatus] | None = None) -> NodeInventory:
+    return NodeInventory(node_id=node_id, url="http://10.0.0.1:8081/", backend="cuda", seq=seq,
+                         devices=devices or [device()], models=models or [model()])
+
+
+def beat(node_id: str = "node-a", seq: int = 2, devices: list[DeviceStatus] | None = None,
+         models: list[ModelStatus] | None = None) -> HeartbeatRequest:
+    return HeartbeatRequest(node_id=node_id, seq=seq, devices=devices or [device()],
+                            models=models)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry(clock: Clock) -> Registry:
+    return Registry(timeout_s=15.0, forget_s=60.0, default_load_s=5.0, clock=clock)
+
+
+def test_a_registered_node_is_up_with_its_devices_models_and_costs(registry):
+    node = registry.register(inventory(models=[model("m1", last_load_s=2.5), model("m2")]))
+    assert node.state is NodeState.UP
+    assert node.url == "http://10.0.0.1:8081"
+    assert node.device_ids == ("gpu:0",)
+    assert node.costs == {"m1": ModelCost(5000, 2.5), "m2": ModelCost(5000, 5.0)}
+    snap = registry.snapshot()
+    assert snap.devices[("node-a", "gpu:0")].status.memory_total_mb == 24000
+
+
+def test_a_newer_heartbeat_replaces_the_devices_and_keeps_models_when_it_has_none(registry):
+    registry.register(inventory())
+    assert registry.heartbeat(beat(seq=2, devices=[device(loaded_model="m1",
+                                                          slot_state=SlotState.READY)]))
+    snap = registry.snapshot()
+    assert snap.devices[("node-a", "gpu:0")].loaded_model == "m1"
+    assert snap.nodes["node-a"].seq == 2
+    assert [m.model_id for m in snap.nodes["node-a"].models] == ["m1"]
+
+
+def test_a_heartbeat_with_models_replaces_them(registry):
+    registry.register(inventory())
+    registry.heartbeat(beat(seq=2, models=[model("m1", recent_requests=7), model("m3")]))
+    node = registry.node("node-a")
+    assert [m.model_id for m in node.models] == ["m1", "m3"]
+    assert node.recent_requests == {"m1": 7, "m3": 0}
+
+
+def test_an_older_or_repeated_heartbeat_is_dropped(registry):
+    registry.register(inventory(seq=5))
+    assert registry.heartbeat(beat(seq=6, devices=[device(in_flight=1)]))
+    assert not registry.heartbeat(beat(seq=6, devices=[device(in_flight=2)]))
+    assert not registry.heartbeat(beat(seq=3, devices=[device(in_flight=2)]))
+    assert registry.snapshot().devices[("node-a", "gpu:0")].in_flight == 1
+    assert registry.node("node-a").seq == 6
+
+
+def test_a_registration_starts_the_seq_again_for_a_restarted_agent(registry):
+    registry.register(inventory(seq=50))
+    registry.register(inventory(seq=1))
+    assert registry.heartbeat(beat(seq=2))
+
+
+def test_a_heartbeat_from_an_unknown_node_raises_node_not_found(registry):
+    with pytest.raises(NodeNotFound):
+        registry.heartbeat(beat("node-z"))
+
+
+def test_a_device_missing_from_a_heartbeat_is_dropped(registry):
+    registry.register(inventory(devices=[device("gpu:0"), device("gpu:1")]))
+    registry.heartbeat(beat(seq=2, devices=[device("gpu:1")]))
+    assert registry.node("node-a").device_ids == ("gpu:1",)
+    assert ("node-a", "gpu:0") not in registry.snapshot().devices
+
+
+def test_a_silent_node_goes_down_after_the_timeout_then_is_forgotten(registry, clock):
+    registry.register(inventory())
+    clock.now += 14.9
+    assert registry.expire() == []
+    clock.now += 0.2
+    assert registry.expire() == [Change("node-a", "down")]
+    assert registry.node("node-a").state is NodeState.DOWN
+    assert registry.expire() == []  # reported once
+    clock.now += 45.0
+    assert registry.expire() == [Change("node-a", "forgotten")]
+    assert registry.node("node-a") is None
+    assert registry.snapshot().devices == {}
+    with pytest.raises(NodeNotFound):
+        registry.heartbeat(beat(seq=9))
+
+
+def test_a_down_node_is_up_again_with_its_next_heartbeat(registry, clock):
+    registry.register(inventory())
+    clock.now += 20
+    registry.expire()
+    assert registry.node("node-a").state is NodeState.DOWN
+    assert registry.heartbeat(beat(seq=2))
+    assert registry.node("node-a").state is NodeState.UP
+    assert registry.node("node-a").last_seen == clock.now
+
+
+def test_heartbeats_keep_a_node_up(registry, clock):
+    registry.register(inventory())
+    for seq in range(2, 10):
+        clock.now += 10
+        registry.heartbeat(beat(seq=seq))
+        assert registry.expire() == []
+
+
+def test_mark_down_stops_routing_until_the_next_heartbeat(registry):
+    registry.register(inventory())
+    version = registry.version
+    assert registry.mark_down("node-a", why="refused")
+    assert not registry.mark_down("node-a", why="refused")
+    assert registry.node("node-a").state is NodeState.DOWN
+    assert registry.version > version
+    registry.heartbeat(beat(seq=2))
+    assert registry.node("node-a").state is NodeState.UP
+
+
+def test_the_own_count_rises_and_falls_and_never_goes_below_zero(registry):
+    key = ("node-a", "gpu:0")
+    registry.begin(key)
+    registry.begin(key)
+    assert registry.own_in_flight(key) == 2
+    registry.end(key)
+    registry.end(key)
+    registry.end(key)
+    assert registry.own_in_flight(key) == 0
+    assert registry.snapshot().own_in_flight == {}
+
+
+def test_own_requests_survive_the_node_being_forgotten(registry, clock):
+    registry.register(inventory())
+    registry.begin(("node-a", "gpu:0"))
+    clock.now += 100
+    registry.expire()
+    registry.end(("node-a", "gpu:0"))  # a long stream ending after the node went: no error
+    assert registry.own_in_flight(("node-a", "gpu:0")) == 0
+
+
+def test_observed_headers_update_the_device_and_split_off_other_traffic(registry):
+    registry.register(inventory())
+    key = ("node-a", "gpu:0")
+    registry.begin(key)
+    registry.observe(key, SlotState.READY, "m1", in_flight=3, pending=1)
+    d = registry.snapshot().devices[key]
+    assert (d.slot_state, d.loaded_model, d.in_flight, d.pending) == (SlotState.READY, "m1", 3, 1)
+    assert d.others == 3  # four reported, one of them ours
+    registry.observe(("node-z", "gpu:0"), SlotState.READY, "m1", 0, 0)  # unknown: ignored
+
+
+def test_a_heartbeat_splits_off_other_traffic_the_same_way(registry):
+    registry.register(inventory())
+    key = ("node-a", "gpu:0")
+    registry.begin(key)
+    registry.begin(key)
+    registry.heartbeat(beat(seq=2, devices=[device(in_flight=1)]))
+    assert registry.snapshot().devices[key].others == 0
+
+
+def test_expect_marks_the_device_as_starting_the_model_it_was_sent(registry):
+    registry.register(inventory())
+    key = ("node-a", "gpu:0")
+    registry.expect(key, "m1")
+    d = registry.snapshot().devices[key]
+    assert (d.slot_state, d.loaded_model) == (SlotState.STARTING, "m1")
+
+
+def test_the_version_rises_on_registry_changes_but_not_on_requests(registry, clock):
+    v0 = registry.version
+    registry.register(inventory())
+    v1 = registry.version
+    assert v1 > v0
+    registry.begin(("node-a", "gpu:0"))
+    registry.observe(("node-a", "gpu:0"), SlotState.READY, "m1", 1, 0)
+    registry.end(("node-a", "gpu:0"))
+    assert registry.version == v1
+    registry.heartbeat(beat(seq=2))
+    assert registry.version > v1
+
+
+def test_count_by_state(registry, clock):
+    registry.register(inventory("node-a"))
+    clock.now += 20
+    registry.register(inventory("node-b"))
+    registry.expire()
+    assert registry.count_by_state() == {NodeState.UP: 1, NodeState.DOWN: 1}
