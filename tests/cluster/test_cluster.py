@@ -1,0 +1,180 @@
+"""Dispatcher + node agents as real processes, driven by the openai SDK as a client would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.cluster.harness import TOKEN, model_entry, routed_node, start_cluster
+from tests.waiting import wait_until_sync
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def ask(client: openai.OpenAI, model: str, max_tokens: int = 4) -> str:
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MSG,
+                                                           max_tokens=max_tokens)
+    raw.parse()
+    return routed_node(raw)
+
+
+@pytest.fixture
+def letters_everywhere(tmp_path, tiny_models, fake_llama_server_bin):
+    """Two single-device nodes that both serve the letters model as role 'chat'."""
+    def models(**extra):
+        return [model_entry("letters", tiny_models["letters"], ["chat"], **extra)]
+    return lambda **kw: start_cluster(tmp_path, fake_llama_server_bin,
+                                      {"node-a": models(**kw.pop("model_extra", {})),
+                                       "node-b": models()}, **kw)
+
+
+def test_fifty_requests_for_a_loaded_model_all_go_to_its_device(letters_everywhere):
+    with letters_everywhere() as cluster:
+        client = cluster.client()
+        first = ask(client, "chat")
+        other = "node-b" if first == "node-a" else "node-a"
+        served = [ask(client, "chat") for _ in range(50)]
+        assert set(served) == {first}
+        assert len(cluster.spawns(first)) == 1
+        assert cluster.spawns(other) == []  # no other device loaded it
+        nodes = cluster.nodes()
+        assert nodes[first]["devices"][0]["status"]["loaded_model"] == "letters"
+        assert nodes[other]["devices"][0]["status"]["loaded_model"] is None
+
+
+def test_concurrent_requests_beyond_one_device_spread_to_a_second(letters_everywhere):
+    with letters_everywhere(model_extra={"server_args": {"--fake-tokens-per-s": 20}}) as c:
+        client = c.client()
+        ask(client, "chat")
+        with ThreadPoolExecutor(6) as pool:
+            served = list(pool.map(lambda _: ask(client, "chat", max_tokens=10), range(6)))
+        assert set(served) == {"node-a", "node-b"}
+
+
+def test_with_every_device_full_the_next_request_gets_503_with_retry_after(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    models = [model_entry("letters", tiny_models["letters"], ["chat"],
+                          server_args={"--fake-tokens-per-s": 10})]
+    with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
+                       agent_extra={"max_pending_requests_per_device": 1}) as cluster:
+        client = cluster.client()
+        ask(client, "chat")
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(ask, client, "chat", 30)
+            wait_until_sync(lambda: cluster.nodes()["node-a"]["devices"][0]
+                            ["dispatcher_in_flight"] == 1, what="one in flight")
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client, "chat")
+            assert time.monotonic() - started < 2.5  # at once, not after the slow one
+            assert err.value.status_code == 503
+            assert int(err.value.response.headers["retry-after"]) >= 1
+            assert err.value.body["code"] in ("device_busy", "no_node_available")
+            assert slow.result() == "node-a"
+
+
+def test_an_agent_answering_503_does_not_fail_the_request(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    models = [model_entry("letters", tiny_models["letters"], ["chat"],
+                          server_args={"--fake-tokens-per-s": 10})]
+    with start_cluster(tmp_path, fake_llama_server_bin,
+                       {"node-a": models, "node-b": models},
+                       agent_extra={"max_pending_requests_per_device": 1}) as cluster:
+        client = cluster.client()
+        first = ask(client, "chat")
+        other = "node-b" if first == "node-a" else "node-a"
+        # Someone calls the loaded agent directly: the dispatcher cannot know it is full.
+        direct = openai.OpenAI(base_url=cluster.agents[first].url + "/v1", api_key=TOKEN,
+                               max_retries=0)
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(direct.chat.completions.create, model="chat", messages=MSG,
+                               max_tokens=30)
+            wait_until_sync(lambda: cluster.agents[first].get(
+                "/v1/node/inventory", TOKEN)["devices"][0]["in_flight"] == 1, what="busy")
+            assert ask(client, "chat") == other
+            busy.result()
+
+
+def test_a_killed_agent_does_not_fail_requests_that_had_not_started(letters_everywhere):
+    with letters_everywhere() as cluster:
+        client = cluster.client()
+        first = ask(client, "chat")
+        other = "node-b" if first == "node-a" else "node-a"
+        cluster.agents[first].proc.kill()
+        cluster.agents[first].proc.wait()
+        # Before its heartbeats are missed, the dispatcher still routes there: connection
+        # refused before any byte, so it fails over.
+        assert ask(client, "chat") == other
+        cluster.wait_nodes("down", [first])
+
+
+def test_a_node_that_stops_heartbeating_is_avoided_and_routable_again_when_back(
+        letters_everywhere):
+    with letters_everywhere() as cluster:
+        client = cluster.client()
+        first = ask(client, "chat")
+        other = "node-b" if first == "node-a" else "node-a"
+        os.kill(cluster.agents[first].proc.pid, signal.SIGSTOP)
+        cluster.wait_nodes("down", [first])
+        assert {ask(client, "chat") for _ in range(3)} == {other}
+        os.kill(cluster.agents[other].proc.pid, signal.SIGSTOP)
+        os.kill(cluster.agents[first].proc.pid, signal.SIGCONT)
+        cluster.wait_nodes("up", [first], timeout_s=5)
+        cluster.wait_nodes("down", [other])
+        assert ask(client, "chat") == first
+        os.kill(cluster.agents[other].proc.pid, signal.SIGCONT)
+
+
+def test_streaming_through_both_hops_delivers_the_first_chunk_before_the_last_is_made(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    models = [model_entry("letters", tiny_models["letters"], ["chat"],
+                          server_args={"--fake-tokens-per-s": 10})]
+    with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models}) as cluster:
+        client = cluster.client()
+        stream = client.chat.completions.create(model="chat", messages=MSG, max_tokens=20,
+                                                stream=True)
+        chunks = iter(stream)
+        first = next(chunks)
+        assert first.choices
+        # Generation (20 tokens at 10/s) is still going on the node when the first arrives.
+        inventory = cluster.agents["node-a"].get("/v1/node/inventory", TOKEN)
+        assert inventory["devices"][0]["in_flight"] == 1
+        rest = list(chunks)
+        text = "".join((c.choices[0].delta.content or "") for c in [first, *rest] if c.choices)
+        assert "letters" in text
+
+
+def test_registration_and_heartbeat_without_the_token_get_401(letters_everywhere):
+    with letters_everywhere() as cluster:
+        url = cluster.dispatcher.url
+        inv = cluster.agents["node-a"].get("/v1/node/inventory", TOKEN)
+        r = httpx.post(url + "/v1/nodes/register", json={"inventory": inv})
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_token"
+        r = httpx.post(url + "/v1/nodes/heartbeat", json={"node_id": "node-a", "seq": 10**6,
+                                                          "devices": inv["devices"]},
+                       headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+
+
+def test_with_api_keys_set_a_client_without_a_key_gets_401(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    models = [model_entry("letters", tiny_models["letters"], ["chat"])]
+    with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
+                       dispatcher_extra={"api_keys": ["sk-team"]}) as cluster:
+        with pytest.raises(openai.AuthenticationError):
+            ask(cluster.client(api_key="sk-wrong"), "chat")
+        assert ask(cluster.client(api_key="sk-team"), "chat") == "node-a"
+
+
+def test_unknown_role_gets_404_naming_it(letters_everywhere):
+    with letters_everywhere() as cluster:
+        with pytest.raises(openai.NotFoundError) as err:
+            ask(cluster.client(), "astronomer")
+        assert "astronomer" in str(err.value)

@@ -1,0 +1,69 @@
+"""The proxy's pure helpers: state headers, alias bodies, agent error codes; token checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from dispatcher.auth import token_matches
+from dispatcher.forwarding import error_code, observed_state, retry_after, with_model
+from rolemesh.api import SlotState
+
+
+def proxy(**h: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in h.items()}))
+
+
+def test_state_headers_of_an_agent_answer_are_read():
+    h = proxy(**{"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-Loaded-Model": "m1",
+                 "X-RoleMesh-In-Flight": "2", "X-RoleMesh-Pending": "1"})
+    assert observed_state(h) == (SlotState.READY, "m1", 2, 1)
+
+
+def test_an_empty_loaded_model_header_means_none():
+    h = proxy(**{"X-RoleMesh-Slot-State": "empty", "X-RoleMesh-Loaded-Model": ""})
+    assert observed_state(h) == (SlotState.EMPTY, None, 0, 0)
+
+
+@pytest.mark.parametrize("h", [
+    {},
+    {"X-RoleMesh-Slot-State": "exploded"},
+    {"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-In-Flight": "many"},
+])
+def test_missing_or_garbled_state_headers_are_ignored(h):
+    assert observed_state(proxy(**h)) is None
+
+
+def test_with_model_replaces_only_the_model():
+    body = json.dumps({"model": "code", "stream": True,
+                       "messages": [{"role": "user", "content": "héllo"}]}).encode()
+    out = json.loads(with_model(body, "coder-7b"))
+    assert out == {"model": "coder-7b", "stream": True,
+                   "messages": [{"role": "user", "content": "héllo"}]}
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b'{"error": {"code": "device_busy", "message": "x"}}', "device_busy"),
+    (b'{"error": {"code": 7}}', None),
+    (b'{"error": "busy"}', None),
+    (b"<html>503</html>", None),
+    (b"[]", None),
+])
+def test_error_code_reads_an_openai_error_body(body, code):
+    assert error_code(body) == code
+
+
+def test_retry_after_reads_seconds():
+    assert retry_after("3") == 3.0
+    assert retry_after(None) is None
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
+
+
+def test_token_matches_any_accepted_key_and_nothing_else():
+    assert token_matches("b", ["a", "b"])
+    assert not token_matches("c", ["a", "b"])
+    assert not token_matches(None, ["a"])
+    assert not token_matches("a", [])
+    assert not token_matches("", ["a"])
