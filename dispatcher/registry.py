@@ -14,8 +14,14 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from rolemesh.api import (DeviceStatus, HeartbeatRequest, ModelStatus, NodeInventory,
-                          NodeState, SlotState)
+from rolemesh.api import (
+    DeviceStatus,
+    HeartbeatRequest,
+    ModelStatus,
+    NodeInventory,
+    NodeState,
+    SlotState,
+)
 from rolemesh.decision import ModelCost
 from rolemesh.errors import NodeNotFound
 

@@ -2,49 +2,71 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, MutableMapping
 
-from dispatcher.registry import Key, NodeRecord, RegistrySnapshot
+from dispatcher.registry import DeviceRecord, Key, NodeRecord, RegistrySnapshot
 from rolemesh.api import ClusterDevice, ClusterNode, ClusterNodes, NodeState
 from rolemesh.decision import DeviceView
 
+ViewMemo = MutableMapping[Key, tuple[NodeRecord, DeviceRecord, int, DeviceView]]
+
+
+def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int) -> DeviceView:
+    """One device as the decision sees it.
+
+    Its queue is the dispatcher's own live count plus what the node last reported beyond
+    the dispatcher's requests (`record.others`). Reported figures alone go stale between
+    heartbeats (a request sent a millisecond ago is not in them; one that finished still
+    is); the own count alone misses traffic from other clients. max(reported, own) would
+    count a finished request until the next report; own + others does not, and it is exact
+    for this dispatcher's share, which is what changes fastest. The sum is given as
+    `in_flight` (with `pending` 0): the decision only uses their sum.
+    """
+    status = record.status
+    return DeviceView(
+        node_id=node.node_id, device_id=status.device_id, servable=node.costs,
+        memory_total_mb=status.memory_total_mb, memory_free_mb=status.memory_free_mb,
+        loaded_model=record.loaded_model, slot_state=record.slot_state,
+        in_flight=own_in_flight + record.others, pending=0,
+        pending_limit=status.pending_limit, up=node.state is NodeState.UP,
+        recent_requests=node.recent_requests)
+
 
 def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],
-                 exclude: Collection[Key] = ()) -> list[DeviceView]:
+                 exclude: Collection[Key] = (), memo: ViewMemo | None = None
+                 ) -> list[DeviceView]:
     """The devices of `node_ids` as the decision sees them, less those in `exclude`.
 
-    The queue of a device is the dispatcher's own live count plus what the node last
-    reported beyond the dispatcher's requests (`others`). Reported figures alone go stale
-    between heartbeats (a request sent a millisecond ago is not in them; one that finished
-    still is); the own count alone misses traffic from other clients. max(reported, own)
-    would count a finished request until the next report; own + others does not, and it
-    is exact for this dispatcher's share, which is what changes fastest. The sum is given
-    as `in_flight` (with `pending` 0): the decision only uses their sum.
+    `memo`, when given, keeps each device's last view: records are immutable and replaced
+    on change, so a view is reused while its node record, device record and own count are
+    the same objects and number (the result is the same with or without it).
     """
     views: list[DeviceView] = []
     nodes = snapshot.nodes
     devices = snapshot.devices
-    own = snapshot.own_in_flight
+    own_counts = snapshot.own_in_flight
     for node_id in node_ids:
         node = nodes.get(node_id)
         if node is None:
             continue
-        up = node.state is NodeState.UP
         for device_id in node.device_ids:
             key = (node_id, device_id)
             if key in exclude:
                 continue
-            d = devices.get(key)
-            if d is None:
+            record = devices.get(key)
+            if record is None:
                 continue
-            status = d.status
-            views.append(DeviceView(
-                node_id=node_id, device_id=device_id, servable=node.costs,
-                memory_total_mb=status.memory_total_mb, memory_free_mb=status.memory_free_mb,
-                loaded_model=d.loaded_model, slot_state=d.slot_state,
-                in_flight=own.get(key, 0) + d.others, pending=0,
-                pending_limit=status.pending_limit, up=up,
-                recent_requests=node.recent_requests))
+            own = own_counts.get(key, 0)
+            if memo is None:
+                views.append(device_view(node, record, own))
+                continue
+            hit = memo.get(key)
+            if hit is not None and hit[0] is node and hit[1] is record and hit[2] == own:
+                views.append(hit[3])
+                continue
+            view = device_view(node, record, own)
+            memo[key] = (node, record, own, view)
+            views.append(view)
     return views
 
 

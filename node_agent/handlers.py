@@ -65,8 +65,16 @@ async def openai_request(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     body = await read_body(request, node.config.max_body_bytes)
     head = parse_request_head(body)
-    slot, model = node.pick(head.model, request.headers.get(headers.DEVICE) or None,
-                            request.headers.get(headers.MODEL) or None)
+    wanted_device = request.headers.get(headers.DEVICE) or None
+    try:
+        slot, model = node.pick(head.model, wanted_device,
+                                request.headers.get(headers.MODEL) or None)
+    except RoleMeshError as err:
+        # The dispatcher learns the device's state from refusals too.
+        only = wanted_device or (next(iter(node.slots)) if len(node.slots) == 1 else None)
+        if only in node.slots:
+            err.headers.update(state_headers(node, only))
+        raise
     structlog.contextvars.bind_contextvars(device=slot.device_id, model=model.model_id)
     forward_headers = {"Content-Type": "application/json",
                        headers.REQUEST_ID: request_id_of(request)}

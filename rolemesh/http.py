@@ -13,7 +13,7 @@ from rolemesh import headers
 from rolemesh.errors import BodyTooLarge, NotFound, RoleMeshError, error_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID_KEY = "rolemesh_request_id"
+REQUEST_ID_KEY = web.RequestKey("rolemesh_request_id", str)
 
 log = structlog.get_logger("rolemesh.http")
 
@@ -76,7 +76,7 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
 
 
 def request_id_of(request: web.Request) -> str:
-    return str(request.get(REQUEST_ID_KEY, ""))
+    return request.get(REQUEST_ID_KEY, "")
 
 
 def bearer_token(request: web.Request) -> str | None:

@@ -38,7 +38,7 @@ class Cluster:
                              max_retries=0, timeout=60, **kw)
 
     def nodes(self) -> dict[str, Any]:
-        return {n["node_id"]: n for n in self.dispatcher.get("/v1/nodes")["data"]}
+        return {n["node_id"]: n for n in self.dispatcher.get("/v1/nodes", TOKEN)["data"]}
 
     def spawns(self, node_id: str) -> list[dict[str, Any]]:
         path = self.records[node_id]

@@ -330,3 +330,21 @@ async def test_a_client_that_goes_away_mid_stream_frees_its_place_on_the_device(
         await wait_until(lambda: d.state.registry.own_in_flight(("node-a", "gpu:0")) == 0,
                          what="the dispatcher's count to drop")
         a.knobs.stream_gate.set()
+
+
+async def test_metrics_count_requests_by_model_and_outcome_and_decisions_by_action():
+    a = loaded("node-a")
+    async with running_agents(a), running_dispatcher() as d, aiohttp.ClientSession() as s:
+        await a.register(s, d.url)
+        await post(s, d.url, chat("planner"))
+        await post(s, d.url, chat("planner"))
+        await post(s, d.url, chat("no-such-model"))
+        await post(s, d.url, chat("coder"))  # coder-7b: loaded nowhere, evicts planner-7b
+        async with s.get(d.url + "/metrics") as resp:
+            text = await resp.text()
+    assert 'rolemesh_dispatcher_requests_total{model="planner",outcome="ok"} 2.0' in text
+    assert 'rolemesh_dispatcher_requests_total{model="-",outcome="model_not_found"} 1.0' in text
+    assert 'rolemesh_dispatcher_decisions_total{action="use_loaded"} 2.0' in text
+    assert 'rolemesh_dispatcher_decisions_total{action="evict"} 1.0' in text
+    assert 'rolemesh_dispatcher_in_flight_total 0.0' in text
+    assert 'rolemesh_dispatcher_device_queue{device="gpu:0",node="node-a"} 0.0' in text

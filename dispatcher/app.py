@@ -1,0 +1,94 @@
+"""The dispatcher's aiohttp app: routes, middlewares, and what it owns for its lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from dispatcher import handlers
+from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
+from dispatcher.auth import auth_middleware
+from dispatcher.config import DispatcherConfig
+from dispatcher.forwarding import OPENAI_PATHS, Forwarder
+from dispatcher.metrics import Metrics
+from dispatcher.registry import Registry
+from dispatcher.router import Router
+from rolemesh.decision import Policy
+from rolemesh.http import error_middleware, request_context_middleware
+
+log = structlog.get_logger("dispatcher.app")
+
+MAX_EXPIRY_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Deps:
+    """What the app takes from outside, so tests can bring their own."""
+
+    clock: Callable[[], float] = time.monotonic
+    expiry_interval_s: float | None = None  # None: a quarter of node_timeout_s, at most 1 s
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_post("/v1/nodes/register", handlers.register)
+    app.router.add_post("/v1/nodes/heartbeat", handlers.heartbeat)
+    app.router.add_get("/v1/nodes", handlers.list_nodes)
+    app.router.add_get("/v1/nodes/{node_id}", handlers.get_node)
+    app.router.add_get("/v1/models", handlers.list_models)
+    app.router.add_get("/v1/route", handlers.route)
+    for path in OPENAI_PATHS:
+        app.router.add_post(path, handlers.openai_request)
+
+
+def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Application:
+    deps = deps or Deps()
+    registry = Registry(timeout_s=config.timeout_s, forget_s=config.forget_s,
+                        default_load_s=config.default_load_s, clock=deps.clock)
+    policy = Policy(memory_safety_margin=config.vram_safety_margin,
+                    busy_retry_after_s=config.busy_retry_after_s)
+    router = Router(registry, config.roles, policy)
+    metrics = Metrics(registry)
+    forwarder = Forwarder(
+        registry, router, metrics, cluster_token=config.cluster_token,
+        max_attempts=config.max_attempts, max_body_bytes=config.max_body_bytes,
+        connect_timeout_s=config.connect_timeout_s, request_timeout_s=config.request_timeout_s,
+        busy_retry_after_s=config.busy_retry_after_s)
+    app = web.Application(
+        middlewares=[request_context_middleware, error_middleware,
+                     auth_middleware(config.cluster_token, config.api_keys)],
+        client_max_size=config.max_body_bytes)
+    app[DISPATCHER_KEY] = Dispatcher(config, registry, router, metrics, forwarder)
+    setup_routes(app)
+    interval = deps.expiry_interval_s or min(MAX_EXPIRY_INTERVAL_S, config.timeout_s / 4)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await forwarder.start()
+        expiry = asyncio.create_task(expire_nodes(registry, interval))
+        log.info("dispatcher.started", host=config.listen_host, port=config.listen_port,
+                 node_timeout_s=config.timeout_s, node_forget_s=config.forget_s,
+                 aliases=sorted(config.roles), client_auth=config.api_keys is not None)
+        if not config.cluster_token:
+            log.warning("dispatcher.no_cluster_token",
+                        message="any host that reaches this port can register as a node")
+        yield
+        expiry.cancel()
+        await asyncio.gather(expiry, return_exceptions=True)
+        await forwarder.close()
+        log.info("dispatcher.stopped")
+
+    app.cleanup_ctx.append(lifetime)
+    return app
+
+
+async def expire_nodes(registry: Registry, interval_s: float) -> None:
+    """Mark silent nodes down, then forget them (the registry logs each change)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        registry.expire()

@@ -1,0 +1,255 @@
+"""The proxy: send a client's OpenAI request to the chosen agent, fail over before the answer.
+
+The hot path reads `model` and `stream` from the body and nothing else, forwards the bytes
+untouched (the one exception: a dispatcher-only alias is replaced by the chosen model id,
+since the agent cannot know it), relays an SSE answer chunk by chunk as it arrives, and
+keeps the registry's view of the device fresh from the state headers of every answer.
+
+Failover: when the agent answers 503 `device_busy` / `model_not_ready`, or the connection
+fails before any byte of its answer, the decision is taken again without the devices that
+failed this request, up to `max_attempts` devices. Once the first byte has gone to the
+client there is no retry: a broken stream ends with a terminal SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
+from dispatcher.registry import Key, NodeRecord, Registry
+from dispatcher.roles import NameKind, Resolution
+from dispatcher.router import Router
+from rolemesh import headers
+from rolemesh.api import SlotState
+from rolemesh.decision import Action
+from rolemesh.errors import (
+    DeviceBusy,
+    GatewayTimeout,
+    ModelNotReady,
+    NoNodeAvailable,
+    RoleMeshError,
+)
+from rolemesh.http import read_body, request_id_of
+from rolemesh.openai_body import parse_request_head
+from rolemesh.proxying import buffered_response, read_whole, stream_back
+
+log = structlog.get_logger("dispatcher.forwarding")
+
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+FAILOVER_CODES = frozenset({"device_busy", "model_not_ready"})
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Why an attempt failed in a way that lets the next device try."""
+
+    reason: str  # device_busy, model_not_ready, connect_failed, connection_lost
+    note: str
+    retry_after_s: float | None = None
+
+
+def observed_state(h: CIMultiDictProxy[str]) -> tuple[SlotState, str | None, int, int] | None:
+    """The device state an agent reports in its response headers, or None if it does not."""
+    state = h.get(headers.SLOT_STATE)
+    if state is None:
+        return None
+    try:
+        return (SlotState(state), h.get(headers.LOADED_MODEL) or None,
+                int(h.get(headers.IN_FLIGHT, "0")), int(h.get(headers.PENDING, "0")))
+    except ValueError:
+        return None
+
+
+def with_model(body: bytes, model_id: str) -> bytes:
+    """The body with `model` replaced: only for aliases, which agents do not know."""
+    data = json.loads(body)
+    data["model"] = model_id
+    return json.dumps(data).encode()
+
+
+def error_code(body: bytes) -> str | None:
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
+def retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class Forwarder:
+    def __init__(self, registry: Registry, router: Router, metrics: Metrics, *,
+                 cluster_token: str | None, max_attempts: int, max_body_bytes: int,
+                 connect_timeout_s: float, request_timeout_s: float,
+                 busy_retry_after_s: float) -> None:
+        self.registry = registry
+        self.router = router
+        self.metrics = metrics
+        self._http: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], URL] = {}  # parsed once per node and path
+        self.max_attempts = max_attempts
+        self.max_body_bytes = max_body_bytes
+        self.busy_retry_after_s = busy_retry_after_s
+        # sock_read bounds the wait for each read (a whole stream may take longer).
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
+                                              sock_read=request_timeout_s)
+        # The client's Authorization never travels on: agents get the cluster token.
+        self._base_headers = {"Content-Type": "application/json"}
+        if cluster_token:
+            self._base_headers[headers.AUTHORIZATION] = f"Bearer {cluster_token}"
+
+    async def start(self) -> None:
+        """Open the one pooled, keep-alive client session that every request goes through."""
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar())  # never carry one agent's cookies to another
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        label = UNKNOWN_MODEL
+        try:
+            body = await read_body(request, self.max_body_bytes)
+            head = parse_request_head(body)
+            resolution = self.router.resolve(head.model)
+            label = head.model
+            structlog.contextvars.bind_contextvars(model=head.model)
+            return await self._forward(request, body, head.stream, resolution, label)
+        except RoleMeshError as err:
+            self.metrics.request(label, err.code)
+            raise
+        finally:
+            # aiohttp serves a keep-alive connection's requests in one task: do not let
+            # this request's model stick to the next one's log lines.
+            structlog.contextvars.unbind_contextvars("model")
+
+    async def _forward(self, request: web.Request, body: bytes, stream: bool,
+                       resolution: Resolution, label: str) -> web.StreamResponse:
+        base = {**self._base_headers, headers.REQUEST_ID: request_id_of(request)}
+        alias = resolution.kind is NameKind.ALIAS
+        excluded: list[Key] = []
+        retries: list[Retry] = []
+        for _ in range(self.max_attempts):
+            decision = self.router.decide(resolution, excluded)
+            self.metrics.decision(decision)
+            winner = decision.winner
+            if winner is None:
+                if not retries:
+                    raise self.router.error_for(decision, resolution.name)
+                break
+            key = (winner.node_id, winner.device_id)
+            node = self.registry.node(winner.node_id)
+            if node is None:  # unreachable: the decision only names known nodes
+                excluded.append(key)
+                continue
+            if decision.action is not Action.USE_LOADED:
+                self.registry.expect(key, winner.model_id)
+            log.debug("request.routed", node=winner.node_id, device=winner.device_id,
+                      model=winner.model_id, action=decision.action)
+            out = {**base, headers.DEVICE: winner.device_id, headers.MODEL: winner.model_id}
+            payload = with_model(body, winner.model_id) if alias else body
+            result = await self._attempt(request, node, key, payload, out, stream, label)
+            if not isinstance(result, Retry):
+                return result
+            retries.append(result)
+            excluded.append(key)
+            self.metrics.failover(result.reason)
+            log.info("request.failover", node=winner.node_id, device=winner.device_id,
+                     reason=result.reason, note=result.note)
+        raise self._exhausted(resolution.name, retries)
+
+    async def _attempt(self, request: web.Request, node: NodeRecord, key: Key, payload: bytes,
+                       out: dict[str, str], stream: bool, label: str
+                       ) -> web.StreamResponse | Retry:
+        registry = self.registry
+        http = self._http
+        if http is None:
+            raise RuntimeError("the forwarder is not started")
+        where = f"{key[0]}/{key[1]}"
+        registry.begin(key)
+        counted = True
+        try:
+            url = self._urls.get((node.url, request.path))
+            if url is None:
+                url = self._urls[(node.url, request.path)] = URL(node.url + request.path)
+            try:
+                upstream = await http.post(url, data=payload, headers=out,
+                                           timeout=self._timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                registry.mark_down(key[0], why=f"connect failed: {exc}")
+                return Retry("connect_failed", f"{where}: cannot connect: {exc}")
+            except TimeoutError as exc:
+                raise GatewayTimeout(f"{where} did not answer in time") from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                return Retry("connection_lost",
+                             f"{where}: connection lost before the answer: {exc!r}")
+            state = observed_state(upstream.headers)
+            extra = {headers.ROUTED_TO: where, headers.REQUEST_ID: out[headers.REQUEST_ID]}
+            if stream and upstream.status == 200:
+                if state is not None:  # sent at the stream's start: they count this request
+                    registry.observe(key, *state)
+                return await self._stream(request, upstream, extra, label)
+            # A buffered answer is complete at the agent before its status line is sent, so
+            # its headers no longer count this request: neither should the dispatcher.
+            registry.end(key)
+            counted = False
+            if state is not None:
+                registry.observe(key, *state)
+            data = await read_whole(upstream)
+            if upstream.status == 503:
+                code = error_code(data)
+                if code in FAILOVER_CODES:
+                    return Retry(code, f"{where}: {code}",
+                                 retry_after(upstream.headers.get(headers.RETRY_AFTER)))
+            self.metrics.request(label, RequestOutcome.OK if upstream.status < 400
+                                 else RequestOutcome.UPSTREAM_ERROR)
+            return buffered_response(upstream, data, extra)
+        finally:
+            if counted:
+                registry.end(key)
+
+    async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                      extra: dict[str, str], label: str) -> web.StreamResponse:
+        try:
+            response = await stream_back(request, upstream, extra)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.metrics.request(label, RequestOutcome.CLIENT_GONE)
+            raise
+        # stream_back ends a broken stream with an SSE error event: the upstream body then
+        # never reached its end (a clean stream's did; release() cannot undo that).
+        if upstream.content.is_eof():
+            self.metrics.request(label, RequestOutcome.OK)
+        else:
+            log.warning("request.stream_broken", error=str(upstream.content.exception()))
+            self.metrics.request(label, RequestOutcome.STREAM_BROKEN)
+        return response
+
+    def _exhausted(self, name: str, retries: list[Retry]) -> RoleMeshError:
+        notes = "; ".join(r.note for r in retries)
+        busy = [r for r in retries if r.reason in FAILOVER_CODES]
+        if busy:
+            wait = max((r.retry_after_s or self.busy_retry_after_s) for r in busy)
+            if all(r.reason == "model_not_ready" for r in busy):
+                return ModelNotReady(f"{name!r}: no device had it ready in time ({notes})",
+                                     retry_after_s=wait)
+            return DeviceBusy(f"{name!r}: every device tried is busy ({notes})",
+                              retry_after_s=wait)
+        return NoNodeAvailable(f"{name!r}: no device could take the request ({notes})",
+                               retry_after_s=self.busy_retry_after_s)

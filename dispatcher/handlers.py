@@ -1,0 +1,118 @@
+"""The dispatcher's HTTP handlers: thin; the registry, router and forwarder do the work."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from yarl import URL
+
+from dispatcher.appkeys import DISPATCHER_KEY
+from dispatcher.metrics import CONTENT_TYPE
+from dispatcher.roles import model_list
+from dispatcher.views import cluster_node, cluster_nodes
+from rolemesh.api import (
+    SCHEMA_VERSION,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    NodeState,
+    RegisterRequest,
+    RegisterResponse,
+)
+from rolemesh.errors import BadRequest, InvalidJSON, NodeNotFound
+from rolemesh.http import json_response, read_body
+
+WireT = TypeVar("WireT", bound=BaseModel)
+
+
+def parse_wire(model: type[WireT], body: bytes) -> WireT:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise InvalidJSON(f"the request body is not valid JSON: {errors[0]['msg']}") from exc
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(body)'}: {e['msg']}"
+                             for e in errors[:5])
+        raise BadRequest(f"not a valid {model.__name__}: {problems}") from exc
+
+
+def check_schema_version(version: int) -> None:
+    if version != SCHEMA_VERSION:
+        raise BadRequest(f"schema_version {version} is not supported; this dispatcher "
+                         f"speaks {SCHEMA_VERSION}")
+
+
+def check_node_url(url: str) -> None:
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"inventory.url {url!r} is not a URL") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise BadRequest(f"inventory.url {url!r} must be http(s)://host:port")
+
+
+async def health(request: web.Request) -> web.Response:
+    counts = request.app[DISPATCHER_KEY].registry.count_by_state()
+    return json_response({"status": "ok", "nodes_up": counts[NodeState.UP],
+                          "nodes_down": counts[NodeState.DOWN]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[DISPATCHER_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def register(request: web.Request) -> web.Response:
+    d = request.app[DISPATCHER_KEY]
+    req = parse_wire(RegisterRequest, await read_body(request, d.config.max_body_bytes))
+    check_schema_version(req.inventory.schema_version)
+    check_node_url(req.inventory.url)
+    node = d.registry.register(req.inventory)
+    d.metrics.registrations.inc()
+    return json_response(RegisterResponse(
+        node_id=node.node_id, heartbeat_interval_s=d.config.heartbeat_interval_s
+    ).model_dump(mode="json"))
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    d = request.app[DISPATCHER_KEY]
+    beat = parse_wire(HeartbeatRequest, await read_body(request, d.config.max_body_bytes))
+    check_schema_version(beat.schema_version)
+    accepted = d.registry.heartbeat(beat)  # NodeNotFound (404) makes the agent register
+    d.metrics.heartbeats.labels(str(accepted).lower()).inc()
+    return json_response(HeartbeatResponse(
+        accepted=accepted, heartbeat_interval_s=d.config.heartbeat_interval_s
+    ).model_dump(mode="json"))
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    snapshot = request.app[DISPATCHER_KEY].registry.snapshot()
+    return json_response(cluster_nodes(snapshot).model_dump(mode="json"))
+
+
+async def get_node(request: web.Request) -> web.Response:
+    node_id = request.match_info["node_id"]
+    snapshot = request.app[DISPATCHER_KEY].registry.snapshot()
+    node = snapshot.nodes.get(node_id)
+    if node is None:
+        raise NodeNotFound(f"no node {node_id!r} is registered; known: "
+                           f"{', '.join(sorted(snapshot.nodes)) or 'none'}")
+    return json_response(cluster_node(snapshot, node).model_dump(mode="json"))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    catalog = request.app[DISPATCHER_KEY].router.catalog(up_only=True)
+    return json_response(model_list(catalog).model_dump(mode="json", exclude_none=True))
+
+
+async def route(request: web.Request) -> web.Response:
+    name = request.query.get("model", "")
+    if not name:
+        raise BadRequest("name a model, role or alias: /v1/route?model=NAME")
+    return json_response(request.app[DISPATCHER_KEY].router.explain(name))
+
+
+async def openai_request(request: web.Request) -> web.StreamResponse:
+    return await request.app[DISPATCHER_KEY].forwarder.handle(request)

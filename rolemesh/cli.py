@@ -1,0 +1,181 @@
+"""`rolemesh`: the operator's view of a running cluster (or of one node agent).
+
+    rolemesh status                 dispatcher health and a line per node
+    rolemesh nodes                  every device: memory, slot state, loaded model, queue
+    rolemesh models                 every role, alias and model id served now
+    rolemesh route MODEL            which device a request for MODEL would go to, and why
+    rolemesh check-fit FILE.gguf    a model's memory need, and which devices it fits
+
+The dispatcher is at --url or $ROLEMESH_URL (default http://127.0.0.1:8080); a key, when
+the dispatcher wants one, comes from $ROLEMESH_API_KEY. --json prints the raw answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class CliError(Exception):
+    pass
+
+
+def fetch(base: str, path: str, key: str | None) -> Any:
+    request = urllib.request.Request(base.rstrip("/") + path)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            return json.load(exc)  # /v1/route explains failures in a 200 body; others in error
+        except ValueError:
+            raise CliError(f"{base}{path}: HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach {base}: {getattr(exc, 'reason', exc)}") from exc
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _mb(value: int | None) -> str:
+    return "?" if value is None else f"{value / 1024:.1f}G" if value >= 1024 else f"{value}M"
+
+
+def show_status(health: dict[str, Any], nodes: dict[str, Any]) -> str:
+    rows = []
+    for n in nodes.get("data", []):
+        loaded = [d["status"]["loaded_model"] or "-" for d in n["devices"]]
+        rows.append([n["node_id"], n["state"], n["url"], str(len(n["devices"])),
+                     ", ".join(loaded), f"{n['last_heartbeat_age_s']:.1f}s"])
+    head = (f"dispatcher: {health.get('status')}  nodes up: {health.get('nodes_up')}  "
+            f"down: {health.get('nodes_down')}")
+    return head + "\n\n" + table(rows, ["NODE", "STATE", "URL", "DEVICES", "LOADED",
+                                        "HEARTBEAT"])
+
+
+def show_nodes(nodes: dict[str, Any]) -> str:
+    rows = []
+    for n in nodes.get("data", []):
+        for d in n["devices"]:
+            s = d["status"]
+            rows.append([n["node_id"], n["state"], s["device_id"], s["name"][:28],
+                         f"{_mb(s['memory_free_mb'])}/{_mb(s['memory_total_mb'])}",
+                         s["slot_state"], s["loaded_model"] or "-",
+                         f"{s['in_flight']}+{s['pending']}/{s['pending_limit']}"])
+    return table(rows, ["NODE", "STATE", "DEVICE", "NAME", "FREE/TOTAL", "SLOT", "LOADED",
+                        "QUEUE"])
+
+
+def show_models(models: dict[str, Any]) -> str:
+    rows = [[m["id"], m.get("kind", "model"), ", ".join(m.get("models") or m.get("roles") or [])]
+            for m in models.get("data", [])]
+    return table(rows, ["NAME", "KIND", "MODELS / ROLES"])
+
+
+def show_route(route: dict[str, Any]) -> str:
+    lines = [f"{route.get('model')}: {route.get('explanation')}"]
+    if route.get("error"):
+        err = route["error"]
+        lines.append(f"a request now would get HTTP {err['status']} {err['code']}: "
+                     f"{err['message']}")
+    rows = [["*" if c["chosen"] else "", c["node_id"], c["device_id"], c["model_id"],
+             c["reason"], str(c["queue"]), _mb(c["memory_need_mb"]),
+             f"{_mb(c['memory_free_mb'])}/{_mb(c['memory_total_mb'])}",
+             "" if c["eviction_cost"] is None else f"{c['eviction_cost']:g}"]
+            for c in route.get("candidates", [])]
+    if rows:
+        lines += ["", table(rows, ["", "NODE", "DEVICE", "MODEL", "REASON", "QUEUE", "NEED",
+                                   "FREE/TOTAL", "EVICT COST"])]
+    return "\n".join(lines)
+
+
+def check_fit(path: Path, ctx_size: int | None, parallel: int, margin: float,
+              nodes: dict[str, Any] | None) -> str:
+    try:
+        facts = read_gguf_facts(path)
+    except (NotAGGUFFile, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    need = estimate_memory_mb(facts, ctx_size, parallel)
+    lines = [f"{path.name}: {facts.architecture}, {facts.n_layer} layers, file "
+             f"{_mb(-(-facts.file_size_bytes // (1024 * 1024)))}, needs about {_mb(need)} "
+             f"with ctx_size {ctx_size or facts.context_length}"]
+    if nodes is not None:
+        rows = []
+        for n in nodes.get("data", []):
+            for d in n["devices"]:
+                total = d["status"]["memory_total_mb"]
+                fits = "?" if total is None else "yes" if need <= total * margin else "no"
+                rows.append([n["node_id"], d["status"]["device_id"], _mb(total), fits])
+        lines += ["", table(rows, ["NODE", "DEVICE", "TOTAL", f"FITS (x{margin:g})"])]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rolemesh", description="Operate a RoleMesh cluster.")
+    p.add_argument("--url", default=os.environ.get("ROLEMESH_URL", DEFAULT_URL),
+                   help="the dispatcher (default $ROLEMESH_URL or %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="dispatcher health and one line per node")
+    sub.add_parser("nodes", help="every device of every node")
+    sub.add_parser("models", help="roles, aliases and model ids served now")
+    for name in ("route", "explain"):
+        r = sub.add_parser(name, help="where a request for MODEL would go, and why")
+        r.add_argument("model")
+    f = sub.add_parser("check-fit", help="a GGUF's memory need and where it fits")
+    f.add_argument("gguf", type=Path)
+    f.add_argument("--ctx-size", type=int, default=None)
+    f.add_argument("--parallel", type=int, default=1)
+    f.add_argument("--margin", type=float, default=0.9)
+    f.add_argument("--offline", action="store_true", help="do not ask the dispatcher")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    key = os.environ.get("ROLEMESH_API_KEY")
+    try:
+        if args.command == "check-fit":
+            nodes = None if args.offline else fetch(args.url, "/v1/nodes", key)
+            print(check_fit(args.gguf, args.ctx_size, args.parallel, args.margin, nodes))
+            return 0
+        if args.command == "status":
+            data: Any = {"health": fetch(args.url, "/health", key),
+                         "nodes": fetch(args.url, "/v1/nodes", key)}
+            text = show_status(data["health"], data["nodes"]) if not args.json else ""
+        elif args.command == "nodes":
+            data = fetch(args.url, "/v1/nodes", key)
+            text = show_nodes(data) if not args.json else ""
+        elif args.command == "models":
+            data = fetch(args.url, "/v1/models", key)
+            text = show_models(data) if not args.json else ""
+        else:
+            query = urllib.parse.urlencode({"model": args.model})
+            data = fetch(args.url, f"/v1/route?{query}", key)
+            text = show_route(data) if not args.json else ""
+    except CliError as exc:
+        print(f"rolemesh: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
