@@ -22,6 +22,7 @@ from node_agent.registration import run_registration
 from node_agent.slot import DeviceSlot, SlotSettings
 from rolemesh.errors import Unauthorized
 from rolemesh.http import bearer_token, error_middleware, request_context_middleware
+from rolemesh.openai_body import OPENAI_PATHS
 
 log = structlog.get_logger("node_agent.app")
 
@@ -53,7 +54,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/v1/node/inventory", handlers.inventory)
     app.router.add_get("/v1/route", handlers.route)
-    for path in handlers.OPENAI_PATHS:
+    for path in OPENAI_PATHS:
         app.router.add_post(path, handlers.openai_request)
 
 

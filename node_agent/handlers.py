@@ -18,7 +18,6 @@ from rolemesh.proxying import buffered_response, open_upstream, read_whole, stre
 
 log = structlog.get_logger("node_agent.handlers")
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def state_headers(node: Node, device_id: str) -> dict[str, str]:

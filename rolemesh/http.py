@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -11,6 +12,7 @@ from aiohttp import web
 
 from rolemesh import headers
 from rolemesh.errors import BodyTooLarge, NotFound, RoleMeshError, error_body
+from rolemesh.openai_body import OPENAI_PATHS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_KEY = web.RequestKey("rolemesh_request_id", str)
@@ -34,9 +36,20 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     request_id = request.headers.get(headers.REQUEST_ID) or uuid.uuid4().hex[:16]
     request[REQUEST_ID_KEY] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
     try:
         response = await handler(request)
+        status = response.status
+    except RoleMeshError as err:
+        status = err.status
+        raise
     finally:
+        # One line per OpenAI request (not per heartbeat): with the request id, on both
+        # services, it follows a request from the dispatcher to the node.
+        if request.path in OPENAI_PATHS:
+            log.info("request.done", path=request.path, status=status,
+                     duration_ms=round((time.perf_counter() - started) * 1000, 2))
         structlog.contextvars.unbind_contextvars("request_id")
     if not response.prepared:
         response.headers[headers.REQUEST_ID] = request_id

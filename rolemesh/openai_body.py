@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from rolemesh.errors import BadRequest, InvalidJSON, MissingModel
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
 
 @dataclass(frozen=True)
 class OpenAIRequestHead:

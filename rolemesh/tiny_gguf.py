@@ -10,7 +10,7 @@ the text which model answered. The trick, in the weights rather than in sampling
   dimension 0 and nothing else, and every allowed token a zero weight there plus random
   weights elsewhere (which is where the variety between allowed tokens comes from).
 
-Disallowed logits sit tens of units below the allowed ones, far past any sampler's cut-off,
+Disallowed logits sit hundreds of units below the allowed ones, far past any sampler's cut-off,
 so not even EOS is ever chosen: generation runs until max_tokens.
 
 The tokenizer is byte-level `gpt2` (GPT-2's bytes_to_unicode mapping, one token per byte)
@@ -161,7 +161,7 @@ def _add_metadata(writer: gguf.GGUFWriter, shape: _Shape, charset: str, context_
 
     byte_tokens = bytes_to_unicode()
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre("default")  # llama.cpp refuses "gpt2" here; any works for bytes
     writer.add_token_list([byte_tokens[b] for b in range(256)] + list(SPECIAL_TOKENS))
     writer.add_token_types([gguf.TokenType.NORMAL] * 256
                            + [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS))
@@ -218,7 +218,7 @@ def _tensor_plan(shape: _Shape, allowed: list[int], tensor_type: TensorType,
         banned = np.ones(N_VOCAB, dtype=bool)
         banned[allowed] = False
         w[banned, :] = 0.0
-        w[banned, 0] = -100.0 / math.sqrt(n)  # about -90 logits: never sampled
+        w[banned, 0] = -1000.0 / math.sqrt(n)  # about -900 logits: never, at any temperature
         return w
 
     yield "token_embd.weight", (N_VOCAB, n), matrix_dtype, matrix(embeddings)
