@@ -89,7 +89,7 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
 
 
 def request_id_of(request: web.Request) -> str:
-    return request.get(REQUEST_ID_KEY, "")
+    return str(request.get(REQUEST_ID_KEY, ""))
 
 
 def bearer_token(request: web.Request) -> str | None:
