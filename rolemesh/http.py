@@ -50,7 +50,9 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         if request.path in OPENAI_PATHS:
             log.info("request.done", path=request.path, status=status,
                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
-        structlog.contextvars.unbind_contextvars("request_id")
+        # A keep-alive connection serves its requests in one task: nothing of this
+        # request may stick to the next one's log lines.
+        structlog.contextvars.unbind_contextvars("request_id", "device", "model")
     if not response.prepared:
         response.headers[headers.REQUEST_ID] = request_id
     return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -194,3 +195,29 @@ def test_unknown_role_gets_404_naming_it(letters_everywhere):
         with pytest.raises(openai.NotFoundError) as err:
             ask(cluster.client(), "astronomer")
         assert "astronomer" in str(err.value)
+
+
+def test_a_request_id_follows_the_request_into_both_services_logs(letters_everywhere):
+    with letters_everywhere() as cluster:
+        client = cluster.client()
+        raw = client.chat.completions.with_raw_response.create(
+            model="chat", messages=MSG, max_tokens=2, extra_headers={"X-Request-Id": "trace-42"})
+        node = routed_node(raw)
+        assert raw.headers["x-request-id"] == "trace-42"
+
+        def lines_with_id(text: str) -> list[dict]:
+            out = []
+            for line in text.splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if event.get("request_id") == "trace-42":
+                        out.append(event)
+            return out
+
+        wait_until_sync(lambda: lines_with_id(cluster.agents[node].log()), what="agent log")
+        agent_events = lines_with_id(cluster.agents[node].log())
+        dispatcher_events = lines_with_id(cluster.dispatcher.log())
+        done = [e for e in agent_events if e["event"] == "request.done"]
+        assert done and done[0]["status"] == 200 and done[0]["model"] == "letters"
+        assert any(e["event"] == "request.done" for e in dispatcher_events)
+        assert TOKEN not in cluster.dispatcher.log() + cluster.agents[node].log()

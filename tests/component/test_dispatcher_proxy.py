@@ -330,6 +330,8 @@ async def test_a_client_that_goes_away_mid_stream_frees_its_place_on_the_device(
         await wait_until(lambda: d.state.registry.own_in_flight(("node-a", "gpu:0")) == 0,
                          what="the dispatcher's count to drop")
         a.knobs.stream_gate.set()
+        assert metric_of(d, 'rolemesh_dispatcher_requests_total{model="planner",'
+                            'outcome="client_gone"}') == 1
 
 
 async def test_metrics_count_requests_by_model_and_outcome_and_decisions_by_action():
@@ -348,3 +350,10 @@ async def test_metrics_count_requests_by_model_and_outcome_and_decisions_by_acti
     assert 'rolemesh_dispatcher_decisions_total{action="evict"} 1.0' in text
     assert 'rolemesh_dispatcher_in_flight_total 0.0' in text
     assert 'rolemesh_dispatcher_device_queue{device="gpu:0",node="node-a"} 0.0' in text
+
+
+def metric_of(d: Any, line_start: str) -> float:
+    for line in d.state.metrics.render().decode().splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

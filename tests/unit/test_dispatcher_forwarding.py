@@ -11,6 +11,8 @@ from dispatcher.auth import token_matches
 from dispatcher.forwarding import error_code, observed_state, retry_after, with_model
 from rolemesh.api import SlotState
 
+KEY = ("node-a", "gpu:0")
+
 
 def proxy(**h: str) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in h.items()}))
@@ -19,12 +21,20 @@ def proxy(**h: str) -> CIMultiDictProxy[str]:
 def test_state_headers_of_an_agent_answer_are_read():
     h = proxy(**{"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-Loaded-Model": "m1",
                  "X-RoleMesh-In-Flight": "2", "X-RoleMesh-Pending": "1"})
-    assert observed_state(h) == (SlotState.READY, "m1", 2, 1)
+    assert observed_state(h, KEY) == (SlotState.READY, "m1", 2, 1)
 
 
 def test_an_empty_loaded_model_header_means_none():
     h = proxy(**{"X-RoleMesh-Slot-State": "empty", "X-RoleMesh-Loaded-Model": ""})
-    assert observed_state(h) == (SlotState.EMPTY, None, 0, 0)
+    assert observed_state(h, KEY) == (SlotState.EMPTY, None, 0, 0)
+
+
+def test_state_headers_naming_another_node_or_device_are_ignored():
+    base = {"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-Loaded-Model": "m1"}
+    assert observed_state(proxy(**base, **{"X-RoleMesh-Node": "node-a",
+                                           "X-RoleMesh-Device": "gpu:0"}), KEY) is not None
+    assert observed_state(proxy(**base, **{"X-RoleMesh-Node": "node-b"}), KEY) is None
+    assert observed_state(proxy(**base, **{"X-RoleMesh-Device": "gpu:1"}), KEY) is None
 
 
 @pytest.mark.parametrize("h", [
@@ -33,7 +43,7 @@ def test_an_empty_loaded_model_header_means_none():
     {"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-In-Flight": "many"},
 ])
 def test_missing_or_garbled_state_headers_are_ignored(h):
-    assert observed_state(proxy(**h)) is None
+    assert observed_state(proxy(**h), KEY) is None
 
 
 def test_with_model_replaces_only_the_model():
