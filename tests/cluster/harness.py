@@ -68,7 +68,7 @@ def start_cluster(tmp_path: Path, llama_bin: Path, agents: dict[str, list[dict[s
             record = tmp_path / f"{node_id}-spawns.jsonl"
             records[node_id] = record
             if llama_bin.name == "fake_llama_server.py":
-                models = [{**m, "server_args": {**m.get("server_args", {}),
+                models = [{**m, "server_args": {**m.get("server_args", {}),  # noqa: PLW2901
                                                 "--fake-record": str(record)}}
                           for m in models]
             aconf = {"node_id": node_id, "listen_port": free_port(), "backend": "cpu",

@@ -218,6 +218,8 @@ def test_a_request_id_follows_the_request_into_both_services_logs(letters_everyw
         agent_events = lines_with_id(cluster.agents[node].log())
         dispatcher_events = lines_with_id(cluster.dispatcher.log())
         done = [e for e in agent_events if e["event"] == "request.done"]
-        assert done and done[0]["status"] == 200 and done[0]["model"] == "letters"
+        assert done
+        assert done[0]["status"] == 200
+        assert done[0]["model"] == "letters"
         assert any(e["event"] == "request.done" for e in dispatcher_events)
         assert TOKEN not in cluster.dispatcher.log() + cluster.agents[node].log()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from node_agent.slot_state import ALLOWED_TRANSITIONS, IllegalTransition, check_transition
@@ -22,7 +24,7 @@ LIFECYCLES = {
 
 @pytest.mark.parametrize("steps", LIFECYCLES.values(), ids=LIFECYCLES.keys())
 def test_every_lifecycle_the_slot_goes_through_is_allowed(steps):
-    for old, new in zip(steps, steps[1:], strict=False):
+    for old, new in itertools.pairwise(steps):
         check_transition(old, new)
 
 
