@@ -64,13 +64,14 @@ def start_cluster(tmp_path: Path, llama_bin: Path, agents: dict[str, list[dict[s
         dispatcher = stack.enter_context(start_service("dispatcher", dconf, tmp_path))
         services: dict[str, Service] = {}
         records: dict[str, Path] = {}
-        for node_id, models in agents.items():
+        for node_id, configured in agents.items():
             record = tmp_path / f"{node_id}-spawns.jsonl"
             records[node_id] = record
+            models = configured
             if llama_bin.name == "fake_llama_server.py":
-                models = [{**m, "server_args": {**m.get("server_args", {}),  # noqa: PLW2901
+                models = [{**m, "server_args": {**m.get("server_args", {}),
                                                 "--fake-record": str(record)}}
-                          for m in models]
+                          for m in configured]
             aconf = {"node_id": node_id, "listen_port": free_port(), "backend": "cpu",
                      "dispatcher_base_url": dispatcher.url, "cluster_token": TOKEN,
                      "heartbeat_interval_s": HEARTBEAT_S, "llama_server_bin": str(llama_bin),
