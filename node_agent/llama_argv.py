@@ -39,7 +39,7 @@ def build_argv(binary: str | Path, model: ModelConfig, port: int) -> list[str]:
         argv += ["--embeddings", "--pooling", "mean"]
     for flag, value in model.server_args.items():
         if value is None or value is True:
-            argv.append(flag)  # a switch such as --no-mmap
+            argv.append(flag)  # a bare switch such as --metrics
         elif value is False:
             continue
         else:
