@@ -56,10 +56,16 @@ class Retry:
     retry_after_s: float | None = None
 
 
-def observed_state(h: CIMultiDictProxy[str]) -> tuple[SlotState, str | None, int, int] | None:
-    """The device state an agent reports in its response headers, or None if it does not."""
+def observed_state(h: CIMultiDictProxy[str], key: Key
+                   ) -> tuple[SlotState, str | None, int, int] | None:
+    """The state of device `key` as an agent's answer headers report it; None if they do not.
+
+    Headers that name another node or device (a URL that now serves someone else) are ignored.
+    """
     state = h.get(headers.SLOT_STATE)
     if state is None:
+        return None
+    if h.get(headers.NODE, key[0]) != key[0] or h.get(headers.DEVICE, key[1]) != key[1]:
         return None
     try:
         return (SlotState(state), h.get(headers.LOADED_MODEL) or None,
@@ -135,6 +141,9 @@ class Forwarder:
         except RoleMeshError as err:
             self.metrics.request(label, err.code)
             raise
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.metrics.request(label, RequestOutcome.CLIENT_GONE)
+            raise
         finally:
             # aiohttp serves a keep-alive connection's requests in one task: do not let
             # this request's model stick to the next one's log lines.
@@ -200,7 +209,7 @@ class Forwarder:
             except (aiohttp.ClientError, OSError) as exc:
                 return Retry("connection_lost",
                              f"{where}: connection lost before the answer: {exc!r}")
-            state = observed_state(upstream.headers)
+            state = observed_state(upstream.headers, key)
             extra = {headers.ROUTED_TO: where, headers.REQUEST_ID: out[headers.REQUEST_ID]}
             if stream and upstream.status == 200:
                 if state is not None:  # sent at the stream's start: they count this request
@@ -227,11 +236,7 @@ class Forwarder:
 
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       extra: dict[str, str], label: str) -> web.StreamResponse:
-        try:
-            response = await stream_back(request, upstream, extra)
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.metrics.request(label, RequestOutcome.CLIENT_GONE)
-            raise
+        response = await stream_back(request, upstream, extra)
         # stream_back ends a broken stream with an SSE error event: the upstream body then
         # never reached its end (a clean stream's did; release() cannot undo that).
         if upstream.content.is_eof():
