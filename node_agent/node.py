@@ -138,6 +138,9 @@ class Node:
     def decide(self, name: str, device_id: str | None = None,
                model_id: str | None = None) -> Decision:
         models = self.config.models_for(name)
+        if not models and model_id is not None and self.config.model(model_id) is not None:
+            # The dispatcher resolved a name only it knows (an alias) to one of our models.
+            models = [self.config.model(model_id)]  # type: ignore[list-item]
         if not models:
             known = sorted({m.model_id for m in self.config.models}
                            | {r for m in self.config.models for r in m.roles})

@@ -23,7 +23,7 @@ class DispatcherForgotUs(Exception):
 
 
 async def _post(http: aiohttp.ClientSession, url: str, token: str | None, payload: str,
-                timeout_s: float) -> None:
+                timeout_s: float) -> dict[str, object]:
     request_headers = {"Content-Type": "application/json"}
     if token:
         request_headers["Authorization"] = f"Bearer {token}"
@@ -34,6 +34,11 @@ async def _post(http: aiohttp.ClientSession, url: str, token: str | None, payloa
         if resp.status >= 400:
             text = (await resp.text())[:300]
             raise DispatcherRefused(f"{url} answered {resp.status}: {text}")
+        try:
+            body = await resp.json(content_type=None)
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
 
 
 async def run_registration(node: Node, http: aiohttp.ClientSession) -> None:
@@ -46,19 +51,25 @@ async def run_registration(node: Node, http: aiohttp.ClientSession) -> None:
     transient = retry_if_exception_type((aiohttp.ClientError, asyncio.TimeoutError, OSError,
                                          DispatcherRefused))
     while True:
+        answer: dict[str, object] = {}
         # Register, retrying with backoff for as long as the dispatcher is away.
         async for attempt in AsyncRetrying(retry=transient, wait=retry_wait):
             with attempt:
                 n = attempt.retry_state.attempt_number
                 try:
                     payload = RegisterRequest(inventory=node.inventory()).model_dump_json()
-                    await _post(http, base + "/v1/nodes/register", config.cluster_token,
-                                payload, timeout_s)
+                    answer = await _post(http, base + "/v1/nodes/register",
+                                         config.cluster_token, payload, timeout_s)
                 except Exception as exc:
                     log.warning("registration.failed", dispatcher=base, attempt=n,
                                 error=str(exc) or type(exc).__name__)
                     raise
-        log.info("registration.registered", dispatcher=base, node_id=config.node_id)
+        # The dispatcher judges liveness by its own interval: beat at that pace.
+        asked = answer.get("heartbeat_interval_s")
+        if isinstance(asked, int | float) and asked > 0:
+            interval = float(asked)
+        log.info("registration.registered", dispatcher=base, node_id=config.node_id,
+                 heartbeat_interval_s=interval)
         try:
             await _heartbeat_until_forgotten(node, http, base, interval, timeout_s)
         except DispatcherForgotUs:

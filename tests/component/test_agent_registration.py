@@ -16,6 +16,7 @@ class FakeDispatcher:
     """Records what agents send; can forget a node or be away."""
 
     token: str
+    interval_s: float = 0.05
     registers: list[RegisterRequest] = field(default_factory=list)
     heartbeats: list[HeartbeatRequest] = field(default_factory=list)
     auth_seen: list[str] = field(default_factory=list)
@@ -34,7 +35,7 @@ class FakeDispatcher:
         reg = RegisterRequest.model_validate_json(await request.read())
         self.registers.append(reg)
         self.known.add(reg.inventory.node_id)
-        return web.json_response({"node_id": reg.inventory.node_id, "heartbeat_interval_s": 1})
+        return web.json_response({"node_id": reg.inventory.node_id, "heartbeat_interval_s": self.interval_s})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         self.auth_seen.append(request.headers.get("Authorization", ""))
@@ -42,10 +43,10 @@ class FakeDispatcher:
         if beat.node_id not in self.known:
             return web.json_response({"error": {"code": "node_not_found"}}, status=404)
         self.heartbeats.append(beat)
-        return web.json_response({"accepted": True, "heartbeat_interval_s": 1})
+        return web.json_response({"accepted": True, "heartbeat_interval_s": self.interval_s})
 
 
-async def test_agent_registers_heartbeats_with_rising_seq_and_reregisters_after_404(
+async def test_agent_registers_heartbeats_at_the_dispatchers_pace_and_reregisters_after_404(
         tmp_path, tiny_models, fake_llama_server_bin):
     fake = FakeDispatcher(token="tok")
     port = free_port()
@@ -53,7 +54,8 @@ async def test_agent_registers_heartbeats_with_rising_seq_and_reregisters_after_
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     models = [{"model_id": "letters-1", "path": str(tiny_models["letters"])}]
-    config = agent_config(tmp_path, models, cluster_token="tok", heartbeat_interval_s=0.05,
+    # The agent's own interval is long: the beats below come at the dispatcher's 0.05 s.
+    config = agent_config(tmp_path, models, cluster_token="tok", heartbeat_interval_s=30,
                           dispatcher_base_url=f"http://127.0.0.1:{port}")
     try:
         async with running_agent(config, fake_llama_server_bin):

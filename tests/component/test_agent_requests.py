@@ -127,3 +127,16 @@ async def test_models_and_inventory_describe_the_node(
         assert by_id["letters-1"].last_load_s is not None
         assert by_id["letters-1"].recent_requests == 1
         assert by_id["digits-1"].last_load_s is None
+
+
+async def test_a_name_only_the_dispatcher_knows_is_served_by_the_model_it_resolved_to(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    config = agent_config(tmp_path, two_models(tiny_models))
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        status, _, body = await post_chat(s, agent.url, "planning")  # a dispatcher alias
+        assert status == 404
+        status, headers, body = await post_chat(s, agent.url, "planning",
+                                                headers={"X-RoleMesh-Model": "digits-1"})
+        assert status == 200
+        assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
