@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
-
 from node_agent.backends import DeviceBackend, DeviceFigures
 from node_agent.config import ModelConfig, NodeAgentConfig
 from node_agent.slot import DeviceSlot
@@ -22,6 +20,7 @@ from rolemesh.errors import (
     ModelNotReady,
     UnknownDevice,
 )
+from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
 
 _MB = 1024 * 1024
 FIGURES_TTL_S = 1.0

@@ -35,7 +35,8 @@ class FakeDispatcher:
         reg = RegisterRequest.model_validate_json(await request.read())
         self.registers.append(reg)
         self.known.add(reg.inventory.node_id)
-        return web.json_response({"node_id": reg.inventory.node_id, "heartbeat_interval_s": self.interval_s})
+        return web.json_response({"node_id": reg.inventory.node_id,
+                                  "heartbeat_interval_s": self.interval_s})
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         self.auth_seen.append(request.headers.get("Authorization", ""))

@@ -134,9 +134,9 @@ async def test_a_name_only_the_dispatcher_knows_is_served_by_the_model_it_resolv
     config = agent_config(tmp_path, two_models(tiny_models))
     async with running_agent(config, fake_llama_server_bin) as agent, \
             aiohttp.ClientSession() as s:
-        status, _, body = await post_chat(s, agent.url, "planning")  # a dispatcher alias
+        status, _, _ = await post_chat(s, agent.url, "planning")  # a dispatcher alias
         assert status == 404
-        status, headers, body = await post_chat(s, agent.url, "planning",
+        status, headers, _ = await post_chat(s, agent.url, "planning",
                                                 headers={"X-RoleMesh-Model": "digits-1"})
         assert status == 200
         assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
