@@ -40,9 +40,10 @@ def fetch(base: str, path: str, key: str | None) -> Any:
             return json.load(resp)
     except urllib.error.HTTPError as exc:
         try:
-            return json.load(exc)  # /v1/route explains failures in a 200 body; others in error
-        except ValueError:
-            raise CliError(f"{base}{path}: HTTP {exc.code}") from exc
+            message = json.load(exc)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise CliError(f"{base}{path}: HTTP {exc.code}: {message}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach {base}: {getattr(exc, 'reason', exc)}") from exc
 

@@ -18,9 +18,10 @@ The rules, in order (see docs/scheduling.md for why):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from rolemesh.api import SlotState
 
@@ -175,6 +176,19 @@ def eviction_cost(device: DeviceView, holders: Mapping[str, int]) -> float:
     return device.recent_requests.get(model, 0) * load_s
 
 
+# Every key ends with (node, device, model): a tie never depends on input order.
+_RANK: dict[Reason, Callable[[Verdict], tuple[Any, ...]]] = {
+    Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0),
+                                    v.node_id, v.device_id, v.model_id),
+    Reason.FITS_EMPTY_DEVICE: lambda v: (-(v.memory_free_mb or 0), v.queue,
+                                         v.node_id, v.device_id, v.model_id),
+    Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, -(v.memory_total_mb or 0),
+                                        v.node_id, v.device_id, v.model_id),
+    Reason.SWITCH_AFTER_QUEUE: lambda v: (v.queue, v.eviction_cost or 0.0,
+                                          v.node_id, v.device_id, v.model_id),
+}
+
+
 def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
            policy: Policy | None = None) -> Decision:
     policy = policy or Policy()
@@ -196,22 +210,11 @@ def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
             if verdict.reason in eligible:
                 eligible[verdict.reason].append(verdict)
 
-    # Every key ends with (node, device, model): a tie never depends on input order.
-    rank = {
-        Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0),
-                                        v.node_id, v.device_id, v.model_id),
-        Reason.FITS_EMPTY_DEVICE: lambda v: (-(v.memory_free_mb or 0), v.queue,
-                                             v.node_id, v.device_id, v.model_id),
-        Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, -(v.memory_total_mb or 0),
-                                            v.node_id, v.device_id, v.model_id),
-        Reason.SWITCH_AFTER_QUEUE: lambda v: (v.queue, v.eviction_cost or 0.0,
-                                              v.node_id, v.device_id, v.model_id),
-    }
     for reason, action in _RULE_OF_REASON.items():
         group = eligible[reason]
         if not group:
             continue
-        best = min(group, key=rank[reason])
+        best = min(group, key=_RANK[reason])
         winner = _with_chosen(best)
         final = tuple(winner if v is best else v for v in verdicts)
         return Decision(Outcome.ROUTED, wanted, final, winner=winner, action=action)
