@@ -102,6 +102,7 @@ class DeviceSlot:
         self._transition_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._failures = 0
+        self._ready_since = 0.0
         self._last_error: str | None = None
         self._closing = False
         self.load_seconds: dict[str, float] = {}
@@ -235,9 +236,16 @@ class DeviceSlot:
             self._begin_switch(other[0].model)
 
     def _waited_too_long(self, waiter: _Waiter) -> bool:
+        """Has `waiter` been held back by the loaded model for long enough?
+
+        Held back counts from when it queued or when the loaded model became ready,
+        whichever is later: after a switch, the new model's own waiters are served before
+        anyone's patience can force the next switch (else two models ping-pong).
+        """
         bound = max(self._settings.max_switch_wait_s,
                     self.load_seconds.get(waiter.model.model_id, 0.0))
-        return self._clock() - waiter.enqueued_at >= bound
+        held_since = max(waiter.enqueued_at, self._ready_since)
+        return self._clock() - held_since >= bound
 
     def _begin_switch(self, model: ModelConfig) -> None:
         self._transition_task = asyncio.create_task(self._switch_to(model),
@@ -301,6 +309,7 @@ class DeviceSlot:
         self.load_seconds[model.model_id] = elapsed
         self._failures = 0
         self._last_error = None
+        self._ready_since = self._clock()
         self._set_state(SlotState.READY)
         log.info("slot.model_ready", device=self.device_id, model=model.model_id,
                  load_s=round(elapsed, 4), ready_s=round(ready.ready_s, 4), probes=ready.probes,

@@ -246,3 +246,38 @@ async def test_no_llama_server_survives_the_agent_and_orphans_are_reaped_at_star
     await wait_until(lambda: not alive(child), timeout_s=5, what="child gone")
     assert not list((config.state_dir / "pids").glob("*.pid"))
     assert os.path.isdir(config.state_dir)
+
+
+async def test_a_switch_is_held_back_only_for_max_switch_wait_s_under_steady_load(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    models = [
+        {"model_id": "letters-1", "path": str(tiny_models["letters"]), "roles": ["a"],
+         "server_args": {"--fake-tokens-per-s": 40}},
+        {"model_id": "digits-1", "path": str(tiny_models["digits"]), "roles": ["b"]},
+    ]
+    config = agent_config(tmp_path, models, max_pending_requests_per_device=3,
+                          max_switch_wait_s=0.3)
+    finished: list[str] = []
+
+    async def ask(s: aiohttp.ClientSession, role: str) -> None:
+        status, _, _ = await post_chat(s, agent.url, role, max_tokens=8)  # ~0.2 s for "a"
+        assert status == 200
+        finished.append(role)
+
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        await ask(s, "a")
+        finished.clear()
+        steady = [asyncio.create_task(ask(s, "a")) for _ in range(2)]
+        await wait_until(lambda: agent.slot().snapshot().pending == 1, what="a queued")
+        wants_b = asyncio.create_task(ask(s, "b"))
+        # Keep the loaded model busy: a new "a" joins whenever one finishes.
+        for _ in range(8):
+            done_before = len(finished)
+            await wait_until(lambda n=done_before: len(finished) > n, what="progress")
+            if "b" in finished:
+                break
+            steady.append(asyncio.create_task(ask(s, "a")))
+        await asyncio.gather(wants_b, *steady)
+    assert "b" in finished[:-1]  # served while "a" still had work, not after all of it
+    assert agent.slot().history.count("starting") == 3  # a, then b, then a again
