@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 import sys
 
 import structlog
-from aiohttp import web
 
 from node_agent.app import build_app
 from node_agent.backends import BackendUnavailable
@@ -19,9 +16,9 @@ from node_agent.llama_binary import LlamaServerNotFound, resolve_llama_server
 from node_agent.node import ModelFileError, check_model_files
 from rolemesh.config_loading import ConfigError, load_config_file
 from rolemesh.logging import setup_logging
+from rolemesh.service import EXIT_START, run_service
 
 EXIT_CONFIG = 2
-EXIT_START = 3
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -65,37 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("agent.cannot_start", error=str(exc))
         print(f"rolemesh-node-agent: cannot start: {exc}", file=sys.stderr)
         return EXIT_START
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    app = build_app(config, backend, facts, str(binary))
-    try:
-        asyncio.run(_serve(app, config))
-    except Exception as exc:  # start-up failures (port taken, device missing): say so, exit
-        log.error("agent.failed", error=str(exc))
-        print(f"rolemesh-node-agent: {exc}", file=sys.stderr)
-        return EXIT_START
-    return 0
-
-
-async def _serve(app: web.Application, config: NodeAgentConfig) -> None:
-    # handler_cancellation: a client that goes away while queued must give back its place.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.listen_host, config.listen_port)
-        await site.start()
-        print(f"rolemesh-node-agent: listening on http://{config.listen_host}:"
-              f"{config.listen_port}", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-    finally:
-        await runner.cleanup()  # stops every llama-server child
+    return run_service("rolemesh-node-agent", build_app(config, backend, facts, str(binary)),
+                       config.listen_host, config.listen_port)
 
 
 if __name__ == "__main__":

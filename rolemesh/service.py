@@ -1,0 +1,49 @@
+"""Run an aiohttp app as a service until SIGTERM/SIGINT: the part both CLIs share."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+from aiohttp import web
+
+EXIT_START = 3
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
+def run_service(name: str, app: web.Application, host: str, port: int) -> int:
+    """Serve until a signal; returns the process exit code (EXIT_START if it cannot start)."""
+    install_uvloop()
+    try:
+        asyncio.run(_serve(name, app, host, port))
+    except Exception as exc:  # start-up failures (port taken, device missing): say so
+        structlog.get_logger(name).error(f"{name}.failed", error=str(exc))
+        print(f"{name}: {exc}", file=sys.stderr)
+        return EXIT_START
+    return 0
+
+
+async def _serve(name: str, app: web.Application, host: str, port: int) -> None:
+    # handler_cancellation: a client that goes away cancels its handler, which gives back
+    # its queue place and closes the upstream connection, which stops the generation.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"{name}: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()  # the agent stops every llama-server child here
