@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -33,7 +33,7 @@ def error_response(err: RoleMeshError) -> web.Response:
 @web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id (the client's, or a new one) for every log line of this request."""
-    request_id = request.headers.get(headers.REQUEST_ID) or uuid.uuid4().hex[:16]
+    request_id = request.headers.get(headers.REQUEST_ID) or secrets.token_hex(8)
     request[REQUEST_ID_KEY] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
