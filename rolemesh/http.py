@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
