@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from rolemesh.api import SlotState
@@ -126,13 +127,22 @@ class Verdict:
 class Decision:
     outcome: Outcome
     model_ids: tuple[str, ...]
-    verdicts: tuple[Verdict, ...]
+    judged: tuple[Verdict, ...] | None  # None: judged only when `verdicts` is first read
     winner: Verdict | None = None
     action: Action | None = None
     retry_after_s: float | None = None
     # For FITS_NOWHERE: the smallest need among the models and the largest device seen.
     smallest_need_mb: int | None = None
     largest_device_mb: int | None = None
+    judge_all: Callable[[], Decision] | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def verdicts(self) -> tuple[Verdict, ...]:
+        """A verdict for every candidate (device, model), the winner's marked `chosen`."""
+        if self.judged is not None:
+            return self.judged
+        assert self.judge_all is not None
+        return self.judge_all().verdicts
 
     def explain(self) -> str:
         if self.winner is not None and self.action is not None:
@@ -189,10 +199,63 @@ _RANK: dict[Reason, Callable[[Verdict], tuple[Any, ...]]] = {
 }
 
 
+_DEFAULT_POLICY = Policy()
+
+
 def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
            policy: Policy | None = None) -> Decision:
-    policy = policy or Policy()
+    policy = policy or _DEFAULT_POLICY
     wanted = tuple(dict.fromkeys(model_ids))
+    fast = _use_loaded_fast(wanted, devices, policy)
+    if fast is not None:
+        return fast
+    return _judge_all(wanted, devices, policy)
+
+
+def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],
+                     policy: Policy) -> Decision | None:
+    """Rule 3 without judging every candidate: the common case, kept cheap at scale.
+
+    Only devices that hold a wanted model are looked at; when one of them can take the
+    request it wins exactly as in `_judge_all` (same tests, same ranking), and the other
+    candidates' verdicts are judged only if someone reads them (/v1/route, errors).
+    """
+    wanted_set = frozenset(wanted)
+    margin = policy.memory_safety_margin
+    loaded_states = _LOADED_STATES
+    best: DeviceView | None = None
+    best_key: tuple[Any, ...] | None = None
+    # Written for speed (this runs per request over the whole cluster): no calls, no
+    # properties, a tuple built only for a device that can take the request.
+    for d in devices:
+        model = d.loaded_model
+        if model not in wanted_set or not d.up or d.slot_state not in loaded_states:
+            continue
+        cost = d.servable.get(model)
+        if cost is None:
+            continue
+        total = d.memory_total_mb
+        if total is not None and cost.memory_need_mb > total * margin:
+            continue
+        queue = d.in_flight + d.pending
+        if queue >= d.pending_limit:
+            continue
+        key = (queue, -(d.memory_free_mb or 0), d.node_id, d.device_id, model)
+        if best_key is None or key < best_key:
+            best, best_key = d, key
+    if best is None or best.loaded_model is None:
+        return None
+    cost = best.servable[best.loaded_model]
+    winner = Verdict(best.node_id, best.device_id, best.loaded_model, Reason.MODEL_LOADED,
+                     chosen=True, queue=best.queue, memory_need_mb=cost.memory_need_mb,
+                     memory_total_mb=best.memory_total_mb, memory_free_mb=best.memory_free_mb)
+    snapshot = list(devices)
+    return Decision(Outcome.ROUTED, wanted, None, winner=winner, action=Action.USE_LOADED,
+                    judge_all=lambda: _judge_all(wanted, snapshot, policy))
+
+
+def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
+               policy: Policy) -> Decision:
     holders: dict[str, int] = {}
     for d in devices:
         if d.up and d.holds_model and d.loaded_model is not None:

@@ -578,3 +578,21 @@ def test_invariants_hold_over_random_clusters() -> None:
     assert set(outcomes) >= {Outcome.ROUTED, Outcome.ALL_BUSY, Outcome.FITS_NOWHERE,
                              Outcome.ALL_DOWN}
     assert set(actions) >= set(Action)
+
+
+def test_the_fast_path_for_a_loaded_model_decides_exactly_as_judging_every_candidate() -> None:
+    from rolemesh.decision import _judge_all  # the reference: every candidate judged
+
+    rng = random.Random(7)
+    fast_hits = 0
+    for _ in range(3000):
+        models, devices, policy = random_cluster(rng)
+        wanted = tuple(dict.fromkeys(models))
+        fast = choose(models, devices, policy)
+        full = _judge_all(wanted, devices, policy)
+        assert fast.outcome == full.outcome
+        assert fast.action == full.action
+        assert fast.winner == full.winner
+        assert fast.verdicts == full.verdicts
+        fast_hits += fast.judged is None
+    assert fast_hits > 100  # the fast path was really exercised
