@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -96,12 +97,11 @@ def test_sigterm_stops_the_agent_and_every_llama_server_it_started(
     config = base(tmp_path, tiny_models, llama_server_bin=str(fake_llama_server_bin))
     before = llama_server_pids()
     with start_service("node_agent", config, tmp_path) as agent:
-        req = subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
-             "Content-Type: application/json", "-d",
-             '{"model": "chat", "messages": [{"role": "user", "content": "x"}]}',
-             agent.url + "/v1/chat/completions"], capture_output=True, text=True, timeout=30)
-        assert req.stdout == "200"
+        body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+        request = urllib.request.Request(agent.url + "/v1/chat/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
         assert llama_server_pids() - before
         assert agent.stop(signal.SIGTERM) == 0
     wait_until_sync(lambda: not (llama_server_pids() - before), timeout_s=5,
