@@ -101,7 +101,7 @@ class Registry:
             state=NodeState.UP, seq=inventory.seq, registered_at=now, last_seen=now,
             models=(), costs={}, recent_requests={}, device_ids=())
         node = self._with_models(node, inventory.models)
-        self._drop_devices(inventory.node_id)
+        self._drop_devices(old)
         self._nodes[inventory.node_id] = self._with_devices(node, inventory.devices)
         self.version += 1
         log.info("node.registered", node_id=inventory.node_id, url=inventory.url,
@@ -121,9 +121,14 @@ class Registry:
         updated = replace(node, seq=beat.seq, last_seen=self._clock(), state=NodeState.UP)
         if beat.models is not None:
             updated = self._with_models(updated, beat.models)
-        self._drop_devices(beat.node_id, keep={d.device_id for d in beat.devices})
-        self._nodes[beat.node_id] = self._with_devices(updated, beat.devices)
-        self.version += 1
+        self._drop_devices(node, keep={d.device_id for d in beat.devices})
+        updated = self._with_devices(updated, beat.devices)
+        self._nodes[beat.node_id] = updated
+        # Most heartbeats only refresh figures: what the cluster serves is unchanged, and
+        # the caches keyed on `version` (the catalog, the view memo) stay valid.
+        if (node.state is not NodeState.UP or updated.device_ids != node.device_ids
+                or _served(updated) != _served(node)):
+            self.version += 1
         if node.state is not NodeState.UP:
             log.info("node.state_changed", node_id=beat.node_id, old=node.state.value,
                      new=NodeState.UP.value, why="heartbeat")
@@ -137,7 +142,7 @@ class Registry:
             silent_s = now - node.last_seen
             if silent_s >= self.forget_s:
                 del self._nodes[node.node_id]
-                self._drop_devices(node.node_id)
+                self._drop_devices(node)
                 changes.append(Change(node.node_id, "forgotten"))
                 log.warning("node.forgotten", node_id=node.node_id, silent_s=round(silent_s, 3))
             elif silent_s >= self.timeout_s and node.state is NodeState.UP:
@@ -229,6 +234,16 @@ class Registry:
                                               d.pending, others)
         return replace(node, device_ids=tuple(d.device_id for d in devices))
 
-    def _drop_devices(self, node_id: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
-        for key in [k for k in self._devices if k[0] == node_id and k[1] not in keep]:
-            del self._devices[key]
+    def _drop_devices(self, node: NodeRecord | None,
+                      keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Forget `node`'s devices (but those in `keep`): only its own, not a cluster scan."""
+        if node is None:
+            return
+        for device_id in node.device_ids:
+            if device_id not in keep:
+                self._devices.pop((node.node_id, device_id), None)
+
+
+def _served(node: NodeRecord) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """What a node serves, as far as name resolution cares: model ids and their roles."""
+    return tuple((m.model_id, tuple(m.roles)) for m in node.models)

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from node_agent import handlers
-from node_agent.appkeys import HTTP_KEY, NODE_KEY
+from node_agent.appkeys import HTTP_KEY, NODE_KEY, UPSTREAM_TIMEOUT_KEY
 from node_agent.backends import DeviceBackend
 from node_agent.config import NodeAgentConfig
 from node_agent.node import ModelFacts, Node
@@ -89,6 +89,8 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
         node = Node(config, backend, slots, facts)
         app[NODE_KEY] = node
         app[HTTP_KEY] = http
+        app[UPSTREAM_TIMEOUT_KEY] = aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=config.request_timeout_s)
         registration = (asyncio.create_task(run_registration(node, http))
                         if config.dispatcher_base_url else None)
         log.info("agent.started", node_id=config.node_id, backend=backend.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -137,8 +138,12 @@ class NodeAgentConfig(StrictModel):
             host = socket.gethostname()
         return f"http://{host}:{self.listen_port}"
 
+    @cached_property
+    def _models_by_id(self) -> dict[str, ModelConfig]:
+        return {m.model_id: m for m in self.models}
+
     def model(self, model_id: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.model_id == model_id), None)
+        return self._models_by_id.get(model_id)
 
     def models_for(self, name: str) -> list[ModelConfig]:
         """The models a request's `model` names: one by id, or every model with that role."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import aiohttp
 import structlog
 from aiohttp import web
 
-from node_agent.appkeys import HTTP_KEY, NODE_KEY
+from node_agent.appkeys import HTTP_KEY, NODE_KEY, UPSTREAM_TIMEOUT_KEY
 from node_agent.node import Node
 from rolemesh import headers
 from rolemesh.api import OpenAIModel, OpenAIModelList
@@ -77,12 +76,10 @@ async def openai_request(request: web.Request) -> web.StreamResponse:
     structlog.contextvars.bind_contextvars(device=slot.device_id, model=model.model_id)
     forward_headers = {"Content-Type": "application/json",
                        headers.REQUEST_ID: request_id_of(request)}
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                    sock_read=node.config.request_timeout_s)
     try:
         async with slot.lease(model) as base_url:
             upstream = await open_upstream(request.app[HTTP_KEY], base_url + request.path,
-                                           body, forward_headers, timeout)
+                                           body, forward_headers, request.app[UPSTREAM_TIMEOUT_KEY])
             if head.stream and upstream.status == 200:
                 return await stream_back(request, upstream,
                                          state_headers(node, slot.device_id))

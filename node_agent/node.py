@@ -134,6 +134,20 @@ class Node:
             pending=snap.pending, pending_limit=snap.pending_limit,
             recent_requests={m: slot.recent_requests(m) for m in servable})
 
+    def _named_by_dispatcher(self, name: str, device_id: str | None, model_id: str | None
+                             ) -> tuple[DeviceSlot, ModelConfig] | None:
+        """The dispatcher already chose device and model (on the whole cluster's figures):
+        take them without deciding again; the slot's queue still says yes or busy."""
+        if device_id is None or model_id is None:
+            return None
+        slot = self.slots.get(device_id)
+        model = self.config.model(model_id)
+        if slot is None or model is None:
+            return None  # decide() explains what is wrong
+        if name != model_id and name not in model.roles and self.config.models_for(name):
+            return None  # the name is ours and means other models: decide() says so
+        return slot, model
+
     def decide(self, name: str, device_id: str | None = None,
                model_id: str | None = None) -> Decision:
         models = self.config.models_for(name)
@@ -161,6 +175,9 @@ class Node:
 
     def pick(self, name: str, device_id: str | None = None,
              model_id: str | None = None) -> tuple[DeviceSlot, ModelConfig]:
+        named = self._named_by_dispatcher(name, device_id, model_id)
+        if named is not None:
+            return named
         decision = self.decide(name, device_id, model_id)
         if decision.winner is not None:
             model = self.config.model(decision.winner.model_id)

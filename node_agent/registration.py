@@ -9,7 +9,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from node_agent.node import Node
-from rolemesh.api import HeartbeatRequest, RegisterRequest
+from rolemesh.api import HeartbeatRequest, ModelStatus, RegisterRequest
 
 log = structlog.get_logger("node_agent.registration")
 
@@ -79,11 +79,14 @@ async def run_registration(node: Node, http: aiohttp.ClientSession) -> None:
 async def _heartbeat_until_forgotten(node: Node, http: aiohttp.ClientSession, base: str,
                                      interval: float, timeout_s: float) -> None:
     failing = False
+    last_models: list[ModelStatus] | None = None
     while True:
         await asyncio.sleep(interval)
+        models = node.model_statuses()
         beat = HeartbeatRequest(node_id=node.config.node_id, seq=node.next_seq(),
                                 devices=[node.device_status(d) for d in node.slots],
-                                models=node.model_statuses())
+                                # Unchanged models are left out: less for both sides to parse.
+                                models=None if models == last_models else models)
         try:
             await _post(http, base + "/v1/nodes/heartbeat", node.config.cluster_token,
                         beat.model_dump_json(), timeout_s)
@@ -93,6 +96,7 @@ async def _heartbeat_until_forgotten(node: Node, http: aiohttp.ClientSession, ba
                             type(exc).__name__)
             failing = True
             continue
+        last_models = models
         if failing:
             log.info("heartbeat.recovered", dispatcher=base)
         failing = False

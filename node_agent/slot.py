@@ -145,11 +145,14 @@ class DeviceSlot:
         place on every path: done, error, client gone, cancelled.
         """
         waiter = self._admit(model)
-        try:
-            done, _ = await asyncio.wait({waiter.future}, timeout=self._settings.queue_timeout_s)
-        except asyncio.CancelledError:
-            self._abandon(waiter)
-            raise
+        done: set[asyncio.Future[str]] = {waiter.future}
+        if not waiter.future.done():  # most requests are granted at once: skip the wait
+            try:
+                done, _ = await asyncio.wait({waiter.future},
+                                             timeout=self._settings.queue_timeout_s)
+            except asyncio.CancelledError:
+                self._abandon(waiter)
+                raise
         if not done:
             self._abandon(waiter)
             raise DeviceBusy(f"waited {self._settings.queue_timeout_s:g}s in the queue of "

@@ -70,6 +70,8 @@ async def test_agent_registers_heartbeats_at_the_dispatchers_pace_and_reregister
             assert len(set(seqs)) == len(seqs)
             assert seqs[0] > inv.seq
             assert set(fake.auth_seen) == {"Bearer tok"}
+            assert fake.heartbeats[0].models is not None
+            assert all(h.models is None for h in fake.heartbeats[1:3])  # nothing changed
             fake.known.clear()  # the dispatcher restarts and forgets the node
             await wait_until(lambda: len(fake.registers) >= 2, what="re-registration")
     finally:

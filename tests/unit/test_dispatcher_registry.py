@@ -210,7 +210,8 @@ def test_expect_marks_the_device_as_starting_the_model_it_was_sent(registry):
     assert (d.slot_state, d.loaded_model) == (SlotState.STARTING, "m1")
 
 
-def test_the_version_rises_on_registry_changes_but_not_on_requests(registry, clock):
+def test_the_version_rises_on_what_the_cluster_serves_not_on_requests_or_figures(
+        registry, clock):
     v0 = registry.version
     registry.register(inventory())
     v1 = registry.version
@@ -219,8 +220,22 @@ def test_the_version_rises_on_registry_changes_but_not_on_requests(registry, clo
     registry.observe(("node-a", "gpu:0"), SlotState.READY, "m1", 1, 0)
     registry.end(("node-a", "gpu:0"))
     assert registry.version == v1
-    registry.heartbeat(beat(seq=2))
-    assert registry.version > v1
+    registry.heartbeat(beat(seq=2))  # fresh figures, same devices and models
+    assert registry.version == v1
+    registry.heartbeat(beat(seq=3, devices=[device(), device("gpu:1")]))  # a new device
+    v2 = registry.version
+    assert v2 > v1
+    registry.heartbeat(beat(seq=4, devices=[device(), device("gpu:1")],
+                            models=[ModelStatus(model_id="m9", roles=["chat"], file_size_mb=1,
+                                                memory_need_mb=2)]))  # other models
+    v3 = registry.version
+    assert v3 > v2
+    clock.now += 20
+    registry.expire()  # down
+    v4 = registry.version
+    assert v4 > v3
+    registry.heartbeat(beat(seq=5, devices=[device(), device("gpu:1")]))  # up again
+    assert registry.version > v4
 
 
 def test_count_by_state(registry, clock):
