@@ -24,6 +24,8 @@ import structlog
 log = structlog.get_logger("node_agent.llama_process")
 
 STDERR_TAIL_LINES = 40
+# What llama-server prints when it is about to answer /health with 200.
+READY_HINTS = ("model loaded", "listening on http")
 
 
 class StartFailed(Exception):
@@ -49,6 +51,9 @@ class LlamaProcess:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        # Set when llama-server says it has loaded or listens: probe at once, not at the
+        # next backed-off poll (a multi-second load would otherwise be noticed late).
+        self._ready_hint = asyncio.Event()
         self._reader = asyncio.create_task(self._read_output())
 
     @property
@@ -73,7 +78,10 @@ class LlamaProcess:
             line = await self.proc.stdout.readline()
             if not line:
                 return
-            self.tail.append(line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            self.tail.append(text)
+            if any(hint in text for hint in READY_HINTS):
+                self._ready_hint.set()
 
     def tail_text(self, lines: int = 12) -> str:
         return "\n".join(list(self.tail)[-lines:])
@@ -91,7 +99,8 @@ class LlamaProcess:
 
         Polls start every 5 ms and back off to max_interval_s: a small model is ready
         within tens of milliseconds, a big one takes seconds, and both are noticed quickly
-        without hammering the server while it loads.
+        without hammering the server while it loads. When llama-server prints that it has
+        loaded, the next poll goes at once instead of waiting out the interval.
         """
         started = time.monotonic()
         exit_task = asyncio.ensure_future(self.proc.wait())
@@ -125,8 +134,11 @@ class LlamaProcess:
             probes += 1
             if await self._is_ready(session, model_name, timeout):
                 return probes
-            await asyncio.sleep(interval)
-            interval = min(interval * 2, max_interval_s)
+            try:
+                await asyncio.wait_for(self._ready_hint.wait(), interval)
+                self._ready_hint.clear()  # one immediate probe per hint, then back to polling
+            except TimeoutError:
+                interval = min(interval * 2, max_interval_s)
 
     async def _is_ready(self, session: aiohttp.ClientSession, model_name: str,
                         timeout: aiohttp.ClientTimeout) -> bool:

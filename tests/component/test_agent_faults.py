@@ -281,3 +281,16 @@ async def test_a_switch_is_held_back_only_for_max_switch_wait_s_under_steady_loa
         await asyncio.gather(wants_b, *steady)
     assert "b" in finished[:-1]  # served while "a" still had work, not after all of it
     assert agent.slot().history.count("starting") == 3  # a, then b, then a again
+
+
+async def test_a_slow_load_is_noticed_when_llama_server_says_it_loaded_not_a_poll_later(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    # Probes back off 5, 10, 20 … ms: a 2.6 s load would be polled next at ~5.1 s, past
+    # the 4 s startup timeout. The "model loaded" line makes the agent probe at once.
+    models = one_model(tiny_models, server_args={"--fake-load-delay-s": 2.6})
+    config = agent_config(tmp_path, models, llama_server_probe_interval_s=30,
+                          llama_server_startup_timeout_s=4)
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        status, _, body = await post_chat(s, agent.url, "chat")
+        assert status == 200, body

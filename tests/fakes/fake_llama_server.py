@@ -421,6 +421,12 @@ def main() -> int:
     host, port = server.server_address[:2]
     log(f"srv  llama_server: loading model '{options.model}'")
     log(f"srv  llama_server: listening on http://{host!s}:{port}")
+    if not options.never_ready:
+        # Like the real one, say so the moment the model is loaded (agents act on it).
+        loaded = threading.Timer(max(0.0, server.ready_at - time.monotonic()),
+                                 log, args=("srv  llama_server: model loaded",))
+        loaded.daemon = True
+        loaded.start()
     with contextlib.suppress(KeyboardInterrupt), server:
         server.serve_forever(poll_interval=0.05)
     return 0
