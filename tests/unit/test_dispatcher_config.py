@@ -118,3 +118,16 @@ def test_a_bad_config_exits_with_the_config_error_code(tmp_path, capsys):
     assert main(["--config", str(path), "--check-config"]) == EXIT_CONFIG
     assert f"{path}: listen_prot: unknown key" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == EXIT_CONFIG
+
+
+def test_every_shipped_dispatcher_config_loads() -> None:
+    files = sorted((ROOT / "configs").glob("dispatcher*.yaml"))
+    assert len(files) >= 2
+    for path in files:
+        load_config_file(path, DispatcherConfig)
+
+
+def test_every_file_in_configs_is_a_node_or_dispatcher_config_a_test_loads() -> None:
+    names = [p.name for p in (ROOT / "configs").iterdir()]
+    assert names
+    assert all(n.startswith(("node", "dispatcher")) and n.endswith(".yaml") for n in names)
