@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from node_agent.backends import DeviceBackend, DeviceFigures
 from node_agent.config import ModelConfig, NodeAgentConfig
 from node_agent.slot import DeviceSlot
@@ -23,6 +25,7 @@ from rolemesh.errors import (
 from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
 
 _MB = 1024 * 1024
+log = structlog.get_logger("node_agent.node")
 FIGURES_TTL_S = 1.0
 DEFAULT_LOAD_S = 5.0  # what we assume a load costs before we have measured one
 
@@ -78,9 +81,15 @@ class Node:
     def figures(self) -> dict[str, DeviceFigures]:
         now = self._clock()
         if now - self._figures_at >= FIGURES_TTL_S:
-            self._figures = {d.device_id: d for d in self.backend.devices()
-                             if d.device_id in self.slots}
             self._figures_at = now
+            try:
+                fresh = self.backend.devices()
+            except Exception as exc:  # a driver hiccup must not fail requests
+                if not self._figures:
+                    raise
+                log.warning("backend.read_failed", backend=self.backend.name, error=str(exc))
+            else:
+                self._figures = {d.device_id: d for d in fresh if d.device_id in self.slots}
         return self._figures
 
     def device_status(self, device_id: str) -> DeviceStatus:

@@ -63,8 +63,9 @@ class RunningAgent:
 
 @contextlib.asynccontextmanager
 async def running_agent(config: NodeAgentConfig, binary: Path,
-                        gpus_mb: list[int] | None = None) -> AsyncIterator[RunningAgent]:
-    backend = FakeGpuBackend(gpus_mb or [8000])
+                        gpus_mb: list[int] | None = None,
+                        backend: Any = None) -> AsyncIterator[RunningAgent]:
+    backend = backend or FakeGpuBackend(gpus_mb or [8000])
     app = build_app(config, backend, check_model_files(config), str(binary))
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from rolemesh.api import NodeInventory
-from tests.agent_harness import agent_config, chat, post_chat, running_agent
+from tests.agent_harness import FakeGpuBackend, agent_config, chat, post_chat, running_agent
 
 
 def two_models(tiny: dict[str, Path], **extra: object) -> list[dict[str, object]]:
@@ -140,3 +140,33 @@ async def test_a_name_only_the_dispatcher_knows_is_served_by_the_model_it_resolv
                                                 headers={"X-RoleMesh-Model": "digits-1"})
         assert status == 200
         assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
+
+
+class FailingAfterStartBackend(FakeGpuBackend):
+    """Reads fine at start, then the driver starts failing (an NVML hiccup)."""
+
+    def __init__(self) -> None:
+        super().__init__([8000])
+        self.reads = 0
+
+    def devices(self):
+        self.reads += 1
+        if self.reads > 2:
+            raise RuntimeError("NVML: GPU is lost")
+        return super().devices()
+
+
+async def test_a_backend_that_stops_answering_does_not_fail_requests(
+        tmp_path, tiny_models, fake_llama_server_bin, monkeypatch):
+    monkeypatch.setattr("node_agent.node.FIGURES_TTL_S", 0.0)  # re-read on every request
+    backend = FailingAfterStartBackend()
+    config = agent_config(tmp_path, two_models(tiny_models))
+    async with running_agent(config, fake_llama_server_bin, backend=backend) as agent, \
+            aiohttp.ClientSession() as s:
+        for _ in range(3):
+            status, _, _ = await post_chat(s, agent.url, "chat")
+            assert status == 200
+        async with s.get(agent.url + "/v1/node/inventory") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["devices"][0]["memory_total_mb"] == 8000
+        assert backend.reads > 3
