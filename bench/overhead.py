@@ -54,7 +54,8 @@ from bench.services import (
     wait_until,
 )
 from bench.sockets import nodelay_report
-from bench.upstream import install_uvloop, write_shim
+from bench.upstream import write_shim
+from rolemesh.service import install_uvloop
 
 MODEL = "bench-model"
 PATH = "/v1/chat/completions"

@@ -34,7 +34,6 @@ from bench import loadgen
 from bench.procstat import CpuMeter, rss_mb
 from bench.report import emit_json, goal, goals_table, percentile, say, table
 from bench.services import HOST, Proc, dispatcher_config, free_port, services
-from bench.upstream import install_uvloop
 from rolemesh.api import (
     DeviceStatus,
     HeartbeatRequest,
@@ -44,6 +43,7 @@ from rolemesh.api import (
     SlotState,
 )
 from rolemesh.decision import DeviceView, ModelCost, Policy, choose
+from rolemesh.service import install_uvloop
 
 MODELS = [f"model-{i}" for i in range(8)]
 ROLES = {"chat": ["model-0", "model-1"], "coder": ["model-2"], "planner": ["model-3", "model-4"]}

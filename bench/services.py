@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,13 @@ from typing import Any
 
 import yaml
 
+from rolemesh.net import free_loopback_port
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+free_port = free_loopback_port
 
 
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:

