@@ -223,3 +223,27 @@ def test_a_request_id_follows_the_request_into_both_services_logs(letters_everyw
         assert done[0]["model"] == "letters"
         assert any(e["event"] == "request.done" for e in dispatcher_events)
         assert TOKEN not in cluster.dispatcher.log() + cluster.agents[node].log()
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_device_on_both_hops(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    models = [model_entry("letters", tiny_models["letters"], ["chat"],
+                          server_args={"--fake-tokens-per-s": 5})]
+    with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models}) as cluster:
+        body = json.dumps({"model": "chat", "stream": True, "max_tokens": 200,
+                           "messages": MSG}).encode()
+        request = urllib.request.Request(cluster.dispatcher.url + "/v1/chat/completions",
+                                         body, {"Content-Type": "application/json"})
+        resp = urllib.request.urlopen(request, timeout=30)
+        assert resp.readline().startswith(b"data: ")
+
+        def agent_in_flight() -> int:
+            inv = cluster.agents["node-a"].get("/v1/node/inventory", TOKEN)
+            return int(inv["devices"][0]["in_flight"])
+
+        assert agent_in_flight() == 1
+        resp.close()  # the client goes away after one chunk of a 40 s answer
+        wait_until_sync(lambda: agent_in_flight() == 0, timeout_s=10, what="agent freed")
+        wait_until_sync(lambda: cluster.nodes()["node-a"]["devices"][0]
+                        ["dispatcher_in_flight"] == 0, timeout_s=10, what="dispatcher freed")
+        assert ask(cluster.client(), "chat") == "node-a"  # and the device serves again
