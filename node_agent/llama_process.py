@@ -28,6 +28,18 @@ STDERR_TAIL_LINES = 40
 READY_HINTS = ("model loaded", "listening on http")
 
 
+_SECRET_FLAG_WORDS = ("key", "token", "secret", "password")
+
+
+def masked_argv(argv: Sequence[str]) -> list[str]:
+    """argv for the log: the value after a flag such as --api-key is hidden."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg.startswith("-") and any(w in arg.lower() for w in _SECRET_FLAG_WORDS):
+            out[i + 1] = "***"
+    return out
+
+
 class StartFailed(Exception):
     """The process exited or never became ready; `message` says which and why."""
 
@@ -69,7 +81,7 @@ class LlamaProcess:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=dict(env), start_new_session=True)
-        log.info("llama.spawned", pid=proc.pid, port=port, argv=list(argv))
+        log.info("llama.spawned", pid=proc.pid, port=port, argv=masked_argv(argv))
         return cls(proc, argv, port)
 
     async def _read_output(self) -> None:
