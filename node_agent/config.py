@@ -29,8 +29,10 @@ STRUCTURED_FLAGS: dict[str, str] = {
     "embeddings": "--embeddings --embedding --pooling",
 }
 # Flags the agent itself owns: where the model lives and where the server listens.
+# (--api-key too: llama-server listens on 127.0.0.1 only, and a key there would lock the agent
+# out of its own child; the agent's cluster_token guards the node instead.)
 AGENT_OWNED_FLAGS = ("--model", "-m", "--host", "--port", "--hf-repo", "-hf", "--model-url",
-                     "-mu", "--hf-file", "-hff")
+                     "-mu", "--hf-file", "-hff", "--api-key", "--api-key-file")
 
 
 class StrictModel(BaseModel):

@@ -75,9 +75,10 @@ def test_server_args_pass_values_switches_and_skip_false():
 def test_secrets_in_server_args_are_masked_in_the_logged_argv():
     from node_agent.llama_process import masked_argv
 
-    argv = build_argv("llama-server", model(server_args={"--api-key": "s3cret", "--seed": 4}), 1)
+    argv = build_argv("llama-server", model(server_args={"--hf-token-x": "s3cret",
+                                                        "--seed": 4}), 1)
     logged = masked_argv(argv)
     assert "s3cret" not in logged
-    assert logged[logged.index("--api-key") + 1] == "***"
+    assert logged[logged.index("--hf-token-x") + 1] == "***"
     assert logged[logged.index("--seed") + 1] == "4"
     assert "s3cret" in argv  # llama-server itself still gets it
