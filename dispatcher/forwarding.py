@@ -1,9 +1,10 @@
 """The proxy: send a client's OpenAI request to the chosen agent, fail over before the answer.
 
 The hot path reads `model` and `stream` from the body and nothing else, forwards the bytes
-untouched (the one exception: a dispatcher-only alias is replaced by the chosen model id,
-since the agent cannot know it), relays an SSE answer chunk by chunk as it arrives, and
-keeps the registry's view of the device fresh from the state headers of every answer.
+untouched (the chosen device and model id travel in `X-RoleMesh-Device` / `-Model`, which is
+how an agent serves a dispatcher-only alias), relays an SSE answer chunk by chunk as it
+arrives, and keeps the registry's view of the device fresh from the state headers of every
+answer.
 
 Failover: when the agent answers 503 `device_busy` / `model_not_ready`, or the connection
 fails before any byte of its answer, the decision is taken again without the devices that
@@ -25,7 +26,7 @@ from yarl import URL
 
 from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
 from dispatcher.registry import Key, NodeRecord, Registry
-from dispatcher.roles import NameKind, Resolution
+from dispatcher.roles import Resolution
 from dispatcher.router import Router
 from rolemesh import headers
 from rolemesh.api import SlotState
@@ -72,13 +73,6 @@ def observed_state(h: CIMultiDictProxy[str], key: Key
                 int(h.get(headers.IN_FLIGHT, "0")), int(h.get(headers.PENDING, "0")))
     except ValueError:
         return None
-
-
-def with_model(body: bytes, model_id: str) -> bytes:
-    """The body with `model` replaced: only for aliases, which agents do not know."""
-    data = json.loads(body)
-    data["model"] = model_id
-    return json.dumps(data).encode()
 
 
 def error_code(body: bytes) -> str | None:
@@ -152,7 +146,6 @@ class Forwarder:
     async def _forward(self, request: web.Request, body: bytes, stream: bool,
                        resolution: Resolution, label: str) -> web.StreamResponse:
         base = {**self._base_headers, headers.REQUEST_ID: request_id_of(request)}
-        alias = resolution.kind is NameKind.ALIAS
         excluded: list[Key] = []
         retries: list[Retry] = []
         for _ in range(self.max_attempts):
@@ -173,8 +166,7 @@ class Forwarder:
             log.debug("request.routed", node=winner.node_id, device=winner.device_id,
                       model=winner.model_id, action=decision.action)
             out = {**base, headers.DEVICE: winner.device_id, headers.MODEL: winner.model_id}
-            payload = with_model(body, winner.model_id) if alias else body
-            result = await self._attempt(request, node, key, payload, out, stream, label)
+            result = await self._attempt(request, node, key, body, out, stream, label)
             if not isinstance(result, Retry):
                 return result
             retries.append(result)

@@ -60,6 +60,10 @@ def test_status_nodes_models_route_and_check_fit_describe_the_cluster(
         assert "needs about" in fit.stdout
         assert "yes" in fit.stdout
 
+        by_alias = cluster.client(api_key="sk-1").chat.completions.create(
+            model="code", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+        assert "digits" in (by_alias.choices[0].message.content or "")  # alias -> coder
+
         denied = rolemesh(url, "nodes", key=None)
         assert denied.returncode == 1
         assert "401" in denied.stderr

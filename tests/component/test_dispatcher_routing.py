@@ -136,7 +136,7 @@ async def test_models_lists_model_ids_roles_and_aliases_the_cluster_serves():
         assert all(m["object"] == "model" for m in listing["data"])
 
 
-async def test_an_alias_reaches_the_agent_as_the_model_it_stands_for():
+async def test_an_alias_reaches_the_agent_naming_the_model_it_stands_for_bytes_untouched():
     a = FakeAgent("node-a", [FakeDevice("gpu:0")], MODELS)
     config = dispatcher_config(roles={"code": "coder"})
     async with running_agents(a), running_dispatcher(config) as d, \
@@ -145,8 +145,8 @@ async def test_an_alias_reaches_the_agent_as_the_model_it_stands_for():
         status, _, answer = await post(s, d.url, chat("code"))
         assert status == 200
         assert content(answer) == "node-a/gpu:0/coder-7b"
-        assert a.seen[0].body["model"] == "coder-7b"
-        assert a.seen[0].body["messages"] == chat("code")["messages"]
+        assert a.seen[0].body == chat("code")  # the client's body, not re-encoded
+        assert a.seen[0].model_header == "coder-7b"
 
 
 async def test_an_unknown_model_gets_404_naming_it_and_what_the_cluster_serves():

@@ -204,7 +204,9 @@ class FakeAgent:
         models = ([name] if name in self.models else
                   [m.model_id for m in self.models.values() if name in m.roles])
         wanted = request.headers.get(headers.MODEL)
-        if wanted:
+        if wanted and not models and wanted in self.models:
+            models = [wanted]  # a name only the dispatcher knows (an alias), as the agent does
+        elif wanted:
             models = [m for m in models if m == wanted]
         if not models:
             return self._error(404, "model_not_found", f"{name!r} is not served here",

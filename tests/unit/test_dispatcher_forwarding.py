@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from dispatcher.auth import token_matches
-from dispatcher.forwarding import error_code, observed_state, retry_after, with_model
+from dispatcher.forwarding import error_code, observed_state, retry_after
 from rolemesh.api import SlotState
 
 KEY = ("node-a", "gpu:0")
@@ -44,14 +42,6 @@ def test_state_headers_naming_another_node_or_device_are_ignored():
 ])
 def test_missing_or_garbled_state_headers_are_ignored(h):
     assert observed_state(proxy(**h), KEY) is None
-
-
-def test_with_model_replaces_only_the_model():
-    body = json.dumps({"model": "code", "stream": True,
-                       "messages": [{"role": "user", "content": "héllo"}]}).encode()
-    out = json.loads(with_model(body, "coder-7b"))
-    assert out == {"model": "coder-7b", "stream": True,
-                   "messages": [{"role": "user", "content": "héllo"}]}
 
 
 @pytest.mark.parametrize(("body", "code"), [
