@@ -121,6 +121,7 @@ class Verdict:
     memory_free_mb: int | None = None
     eviction_cost: float | None = None  # for evictions: what losing the loaded model costs
     evicts: str | None = None
+    recently_failed: bool = False  # its slot is `failed`: its last start or process died
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,9 @@ def eviction_cost(device: DeviceView, holders: Mapping[str, int]) -> float:
 _RANK: dict[Reason, Callable[[Verdict], tuple[Any, ...]]] = {
     Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0),
                                     v.node_id, v.device_id, v.model_id),
-    Reason.FITS_EMPTY_DEVICE: lambda v: (-(v.memory_free_mb or 0), v.queue,
+    # A failed slot is empty too, but whatever broke it may break the next load as well:
+    # a healthy empty device goes first.
+    Reason.FITS_EMPTY_DEVICE: lambda v: (v.recently_failed, -(v.memory_free_mb or 0), v.queue,
                                          v.node_id, v.device_id, v.model_id),
     Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, -(v.memory_total_mb or 0),
                                         v.node_id, v.device_id, v.model_id),
@@ -309,7 +312,8 @@ def _judge(device: DeviceView, model_id: str, cost: ModelCost, policy: Policy,
         if free is not None and cost.memory_need_mb > free:
             # Something outside RoleMesh holds this memory; loading would fail.
             return verdict(Reason.NOT_ENOUGH_FREE_MEMORY)
-        return verdict(Reason.FITS_EMPTY_DEVICE)
+        return verdict(Reason.FITS_EMPTY_DEVICE,
+                       recently_failed=device.slot_state is SlotState.FAILED)
     lose = eviction_cost(device, holders)
     if device.queue == 0:
         return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=lose, evicts=device.loaded_model)

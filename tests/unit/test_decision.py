@@ -91,6 +91,12 @@ USE, LOAD, EVICT, SWITCH = (Action.USE_LOADED, Action.LOAD_ON_EMPTY, Action.EVIC
                             Action.SWITCH_AFTER_QUEUE)
 
 WINS: dict[str, Win] = {
+    "a healthy empty device goes before a failed one with more free memory": win(
+        "small", [dev("gpu:0", state=SlotState.FAILED, total=48_000), dev("gpu:1")],
+        "a/gpu:1 small", LOAD),
+    "a failed empty device is still used when no healthy empty device fits": win(
+        "small", [dev("gpu:0", state=SlotState.FAILED), dev("gpu:1", loaded="mid")],
+        "a/gpu:0 small", LOAD),
     # -- rule 3: the model is already loaded ------------------------------------------------
     "a device with the model loaded wins over an empty device": win(
         "small", [dev("gpu:0"), dev("gpu:1", loaded="small")], "a/gpu:1 small", USE),
