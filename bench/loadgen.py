@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from bench.sockets import set_nodelay
 
 _EVENT = b"data:"
 _DONE = b"data: [DONE]"
@@ -78,9 +79,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():

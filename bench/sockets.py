@@ -92,3 +92,10 @@ def nodelay_report(pid: int) -> NodelayReport | None:
         with contextlib.suppress(OSError):
             os.close(pidfd)
     return NodelayReport(connected, with_nodelay, tuple(without))
+
+
+def set_nodelay(transport: object) -> None:
+    """Turn Nagle off on a transport's socket: small SSE writes must not wait for an ACK."""
+    sock = transport.get_extra_info("socket")  # type: ignore[attr-defined]
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

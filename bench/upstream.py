@@ -22,11 +22,11 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import stat
 import sys
 from pathlib import Path
 
+from bench.sockets import set_nodelay
 from rolemesh.service import install_uvloop
 
 DEFAULT_CHUNKS = 16
@@ -102,9 +102,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
