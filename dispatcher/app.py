@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from dispatcher import handlers
+from dispatcher.admin import setup_admin_routes
 from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
 from dispatcher.auth import auth_middleware
 from dispatcher.config import DispatcherConfig
@@ -43,6 +44,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/nodes/{node_id}", handlers.get_node)
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/v1/route", handlers.route)
+    setup_admin_routes(app)
     for path in OPENAI_PATHS:
         app.router.add_post(path, handlers.openai_request)
 
@@ -62,7 +64,8 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
         busy_retry_after_s=config.busy_retry_after_s)
     app = web.Application(
         middlewares=[request_context_middleware, error_middleware,
-                     auth_middleware(config.cluster_token, config.api_keys)],
+                     auth_middleware(config.cluster_token, config.api_keys,
+                                     config.admin_keys)],
         client_max_size=config.max_body_bytes)
     app[DISPATCHER_KEY] = Dispatcher(config, registry, router, metrics, forwarder)
     setup_routes(app)

@@ -37,9 +37,11 @@ def token_matches(given: str | None, accepted: Sequence[str]) -> bool:
     return found
 
 
-def auth_middleware(cluster_token: str | None, api_keys: Sequence[str] | None) -> Middleware:
+def auth_middleware(cluster_token: str | None, api_keys: Sequence[str] | None,
+                    admin_keys: Sequence[str] | None = None) -> Middleware:
     cluster = (cluster_token,) if cluster_token else ()
-    client_keys = (*api_keys, *cluster) if api_keys else ()
+    # Operators' keys open what clients' keys do (the operator verbs check for them again).
+    client_keys = (*api_keys, *(admin_keys or ()), *cluster) if api_keys else ()
 
     @web.middleware
     async def check_credentials(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -36,6 +36,7 @@ class DispatcherConfig(StrictModel):
     busy_retry_after_s: float = Field(default=1.0, gt=0)
     default_load_s: float = Field(default=5.0, ge=0)
     api_keys: list[str] | None = Field(default=None, repr=False)
+    admin_keys: list[str] | None = Field(default=None, repr=False)  # load/unload/drain/mode
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -54,7 +55,7 @@ class DispatcherConfig(StrictModel):
                                  "chain, name the role or model id")
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _api_keys_are_given(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
@@ -98,6 +99,7 @@ class DispatcherConfig(StrictModel):
         data = self.model_dump(mode="json")
         if data.get("cluster_token"):
             data["cluster_token"] = "***"
-        if data.get("api_keys"):
-            data["api_keys"] = ["***"] * len(data["api_keys"])
+        for secret_list in ("api_keys", "admin_keys"):
+            if data.get(secret_list):
+                data[secret_list] = ["***"] * len(data[secret_list])
         return data

@@ -29,7 +29,7 @@ from dispatcher.registry import Key, NodeRecord, Registry
 from dispatcher.roles import Resolution
 from dispatcher.router import Router
 from rolemesh import headers
-from rolemesh.api import SlotState
+from rolemesh.api import InstanceState
 from rolemesh.decision import Action
 from rolemesh.errors import (
     DeviceBusy,
@@ -58,19 +58,20 @@ class Retry:
 
 
 def observed_state(h: CIMultiDictProxy[str], key: Key
-                   ) -> tuple[SlotState, str | None, int, int] | None:
+                   ) -> tuple[tuple[tuple[str, InstanceState], ...], int, int] | None:
     """The state of device `key` as an agent's answer headers report it; None if they do not.
 
     Headers that name another node or device (a URL that now serves someone else) are ignored.
     """
-    state = h.get(headers.SLOT_STATE)
-    if state is None:
+    residents = h.get(headers.RESIDENTS)
+    if residents is None:
         return None
     if h.get(headers.NODE, key[0]) != key[0] or h.get(headers.DEVICE, key[1]) != key[1]:
         return None
     try:
-        return (SlotState(state), h.get(headers.LOADED_MODEL) or None,
-                int(h.get(headers.IN_FLIGHT, "0")), int(h.get(headers.PENDING, "0")))
+        pairs = tuple((m, InstanceState(s)) for m, _, s in
+                      (p.partition("=") for p in residents.split(",") if p))
+        return (pairs, int(h.get(headers.IN_FLIGHT, "0")), int(h.get(headers.PENDING, "0")))
     except ValueError:
         return None
 
@@ -117,6 +118,12 @@ class Forwarder:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar())  # never carry one agent's cookies to another
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("the forwarder is not started")
+        return self._http
 
     async def close(self) -> None:
         if self._http is not None:
@@ -166,7 +173,8 @@ class Forwarder:
             log.debug("request.routed", node=winner.node_id, device=winner.device_id,
                       model=winner.model_id, action=decision.action)
             out = {**base, headers.DEVICE: winner.device_id, headers.MODEL: winner.model_id}
-            result = await self._attempt(request, node, key, body, out, stream, label)
+            result = await self._attempt(request, node, key, body, out, stream, label,
+                                         winner.model_id)
             if not isinstance(result, Retry):
                 return result
             retries.append(result)
@@ -177,14 +185,14 @@ class Forwarder:
         raise self._exhausted(resolution.name, retries)
 
     async def _attempt(self, request: web.Request, node: NodeRecord, key: Key, payload: bytes,
-                       out: dict[str, str], stream: bool, label: str
+                       out: dict[str, str], stream: bool, label: str, model_id: str
                        ) -> web.StreamResponse | Retry:
         registry = self.registry
         http = self._http
         if http is None:
             raise RuntimeError("the forwarder is not started")
         where = f"{key[0]}/{key[1]}"
-        registry.begin(key)
+        registry.begin(key, model_id)
         counted = True
         try:
             url = self._urls.get((node.url, request.path))
@@ -209,7 +217,7 @@ class Forwarder:
                 return await self._stream(request, upstream, extra, label)
             # A buffered answer is complete at the agent before its status line is sent, so
             # its headers no longer count this request: neither should the dispatcher.
-            registry.end(key)
+            registry.end(key, model_id)
             counted = False
             if state is not None:
                 registry.observe(key, *state)
@@ -224,7 +232,7 @@ class Forwarder:
             return buffered_response(upstream, data, extra)
         finally:
             if counted:
-                registry.end(key)
+                registry.end(key, model_id)
 
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       extra: dict[str, str], label: str) -> web.StreamResponse:

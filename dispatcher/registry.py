@@ -10,17 +10,18 @@ requests in flight per device. Records are immutable and replaced on change, so 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import structlog
 
 from rolemesh.api import (
     DeviceStatus,
     HeartbeatRequest,
+    InstanceState,
     ModelStatus,
     NodeInventory,
     NodeState,
-    SlotState,
+    StopRecord,
 )
 from rolemesh.decision import ModelCost
 from rolemesh.errors import NodeNotFound
@@ -35,13 +36,16 @@ class DeviceRecord:
     """One device: the node's last full report, overlaid with fresher observations."""
 
     status: DeviceStatus  # memory, name, limits: from the last registration or heartbeat
-    slot_state: SlotState  # these four: from the freshest of heartbeat, response headers
-    loaded_model: str | None  # and the dispatcher's own routing (see Registry.expect)
+    # These four: from the freshest of heartbeat, response headers and the dispatcher's
+    # own routing (see Registry.expect). Residents are (model id, state) pairs.
+    residents: tuple[tuple[str, InstanceState], ...]
     in_flight: int
     pending: int
     # The part of the reported queue (in_flight + pending) that was not this dispatcher's
     # own requests at the moment of the report: other dispatchers, direct clients.
     others: int
+    # The same per resident model (its in flight + queued beyond the dispatcher's own).
+    model_others: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,11 @@ class NodeRecord:
     costs: Mapping[str, ModelCost]  # model id -> what holding and loading it costs here
     recent_requests: Mapping[str, int]  # model id -> requests served in the recent window
     device_ids: tuple[str, ...]
+    sets: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    draining: bool = False
+    recent_stops: tuple[StopRecord, ...] = ()
+    host_memory_total_mb: int | None = None
+    host_memory_available_mb: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,7 @@ class RegistrySnapshot:
     devices: Mapping[Key, DeviceRecord]
     own_in_flight: Mapping[Key, int]
     now: float
+    own_by_model: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,7 @@ class Registry:
         self._nodes: dict[str, NodeRecord] = {}
         self._devices: dict[Key, DeviceRecord] = {}
         self._own: dict[Key, int] = {}
+        self._own_model: dict[tuple[str, str, str], int] = {}
         # Rises whenever nodes, their models or their up/down state change (not per
         # request): caches of what the cluster serves key on it.
         self.version = 0
@@ -99,7 +110,11 @@ class Registry:
         node = NodeRecord(
             node_id=inventory.node_id, url=inventory.url.rstrip("/"), backend=inventory.backend,
             state=NodeState.UP, seq=inventory.seq, registered_at=now, last_seen=now,
-            models=(), costs={}, recent_requests={}, device_ids=())
+            models=(), costs={}, recent_requests={}, device_ids=(),
+            sets={k: frozenset(v) for k, v in inventory.sets.items()},
+            draining=inventory.draining, recent_stops=tuple(inventory.recent_stops),
+            host_memory_total_mb=inventory.host_memory_total_mb,
+            host_memory_available_mb=inventory.host_memory_available_mb)
         node = self._with_models(node, inventory.models)
         self._drop_devices(old)
         self._nodes[inventory.node_id] = self._with_devices(node, inventory.devices)
@@ -118,7 +133,12 @@ class Registry:
             log.debug("node.heartbeat_dropped", node_id=beat.node_id, seq=beat.seq,
                       last_seq=node.seq)
             return False
-        updated = replace(node, seq=beat.seq, last_seen=self._clock(), state=NodeState.UP)
+        updated = replace(node, seq=beat.seq, last_seen=self._clock(), state=NodeState.UP,
+                          draining=beat.draining, recent_stops=tuple(beat.recent_stops),
+                          host_memory_total_mb=beat.host_memory_total_mb,
+                          host_memory_available_mb=beat.host_memory_available_mb)
+        if beat.sets is not None:
+            updated = replace(updated, sets={k: frozenset(v) for k, v in beat.sets.items()})
         if beat.models is not None:
             updated = self._with_models(updated, beat.models)
         self._drop_devices(node, keep={d.device_id for d in beat.devices})
@@ -127,7 +147,7 @@ class Registry:
         # Most heartbeats only refresh figures: what the cluster serves is unchanged, and
         # the caches keyed on `version` (the catalog, the view memo) stay valid.
         if (node.state is not NodeState.UP or updated.device_ids != node.device_ids
-                or _served(updated) != _served(node)):
+                or _served(updated) != _served(node) or updated.draining != node.draining):
             self.version += 1
         if node.state is not NodeState.UP:
             log.info("node.state_changed", node_id=beat.node_id, old=node.state.value,
@@ -166,15 +186,24 @@ class Registry:
 
     # -- what the dispatcher sees between heartbeats -------------------------------------------
 
-    def observe(self, key: Key, slot_state: SlotState, loaded_model: str | None,
+    def set_draining(self, node_id: str, draining: bool) -> None:
+        """Stop (or resume) routing to a node now, before its next heartbeat says so."""
+        node = self._nodes.get(node_id)
+        if node is not None and node.draining != draining:
+            self._nodes[node_id] = replace(node, draining=draining)
+            self.version += 1
+
+    def observe(self, key: Key, residents: tuple[tuple[str, InstanceState], ...],
                 in_flight: int, pending: int) -> None:
         """A device's state as an agent response's headers report it, right after it."""
+        key = (key[0], key[1].split("+")[0])  # a group's headers speak for its first device
         record = self._devices.get(key)
         if record is None:
             return
         others = max(0, in_flight + pending - self._own.get(key, 0))
-        self._devices[key] = DeviceRecord(record.status, slot_state, loaded_model, in_flight,
-                                          pending, others)
+        model_others = record.model_others if others else {}
+        self._devices[key] = DeviceRecord(record.status, residents, in_flight, pending,
+                                          others, model_others)
 
     def expect(self, key: Key, model_id: str) -> None:
         """The dispatcher just sent `model_id` to a device that did not hold it.
@@ -183,27 +212,42 @@ class Registry:
         before any header or heartbeat tells) from sending another model to the same device
         while an empty one waits.
         """
-        record = self._devices.get(key)
-        if record is not None and record.loaded_model != model_id:
-            self._devices[key] = replace(record, slot_state=SlotState.STARTING,
-                                         loaded_model=model_id)
+        for device_id in key[1].split("+"):
+            k = (key[0], device_id)
+            record = self._devices.get(k)
+            if record is not None and all(m != model_id for m, _ in record.residents):
+                self._devices[k] = replace(
+                    record, residents=(*record.residents, (model_id, InstanceState.STARTING)))
 
-    def begin(self, key: Key) -> None:
-        self._own[key] = self._own.get(key, 0) + 1
+    def begin(self, key: Key, model_id: str = "") -> None:
+        """The dispatcher sends a request to a placement (a device, or "gpu:0+gpu:1")."""
+        for device_id in key[1].split("+"):
+            k = (key[0], device_id)
+            self._own[k] = self._own.get(k, 0) + 1
+            mk = (key[0], device_id, model_id)
+            self._own_model[mk] = self._own_model.get(mk, 0) + 1
 
-    def end(self, key: Key) -> None:
-        left = self._own.get(key, 0) - 1
-        if left > 0:
-            self._own[key] = left
-        else:
-            self._own.pop(key, None)
+    def end(self, key: Key, model_id: str = "") -> None:
+        for device_id in key[1].split("+"):
+            k = (key[0], device_id)
+            left = self._own.get(k, 0) - 1
+            if left > 0:
+                self._own[k] = left
+            else:
+                self._own.pop(k, None)
+            mk = (key[0], device_id, model_id)
+            left = self._own_model.get(mk, 0) - 1
+            if left > 0:
+                self._own_model[mk] = left
+            else:
+                self._own_model.pop(mk, None)
 
     # -- reading -----------------------------------------------------------------------------
 
     def snapshot(self) -> RegistrySnapshot:
         # Shallow copies of three small dicts: the records themselves are immutable.
         return RegistrySnapshot(dict(self._nodes), dict(self._devices), dict(self._own),
-                                self._clock())
+                                self._clock(), dict(self._own_model))
 
     def node(self, node_id: str) -> NodeRecord | None:
         return self._nodes.get(node_id)
@@ -220,9 +264,12 @@ class Registry:
     # -- internals ---------------------------------------------------------------------------
 
     def _with_models(self, node: NodeRecord, models: list[ModelStatus]) -> NodeRecord:
-        costs = {m.model_id: ModelCost(m.memory_need_mb, m.last_load_s
-                                       if m.last_load_s is not None else self.default_load_s)
-                 for m in models}
+        costs = {m.model_id: ModelCost(
+            m.memory_need_mb,
+            m.last_load_s if m.last_load_s is not None else self.default_load_s,
+            devices=tuple(m.devices) if m.devices else None,
+            split=tuple(m.split) if m.split else None, pinned=m.pinned, exclusive=m.exclusive)
+            for m in models}
         recent = {m.model_id: m.recent_requests for m in models}
         return replace(node, models=tuple(models), costs=costs, recent_requests=recent)
 
@@ -230,8 +277,11 @@ class Registry:
         for d in devices:
             key = (node.node_id, d.device_id)
             others = max(0, d.in_flight + d.pending - self._own.get(key, 0))
-            self._devices[key] = DeviceRecord(d, d.slot_state, d.loaded_model, d.in_flight,
-                                              d.pending, others)
+            residents = tuple((i.model_id, i.state) for i in d.instances)
+            model_others = {i.model_id: max(0, i.in_flight + i.queued - self._own_model.get(
+                (*key, i.model_id), 0)) for i in d.instances}
+            self._devices[key] = DeviceRecord(d, residents, d.in_flight, d.pending, others,
+                                              model_others)
         return replace(node, device_ids=tuple(d.device_id for d in devices))
 
     def _drop_devices(self, node: NodeRecord | None,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, MutableMapping
+from collections.abc import Collection, Iterable, Mapping, MutableMapping
 
 from dispatcher.registry import DeviceRecord, Key, NodeRecord, RegistrySnapshot
 from rolemesh.api import ClusterDevice, ClusterNode, ClusterNodes, NodeState
-from rolemesh.decision import DeviceView
+from rolemesh.decision import DeviceView, ResidentView
+from rolemesh.residency import split_need
 
 ViewMemo = MutableMapping[Key, tuple[NodeRecord, DeviceRecord, int, DeviceView]]
 
 
-def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int) -> DeviceView:
+def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int,
+                own_by_model: Mapping[tuple[str, str, str], int] | None = None) -> DeviceView:
     """One device as the decision sees it.
 
     Its queue is the dispatcher's own live count plus what the node last reported beyond
@@ -20,16 +22,40 @@ def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int) -> D
     is); the own count alone misses traffic from other clients. max(reported, own) would
     count a finished request until the next report; own + others does not, and it is exact
     for this dispatcher's share, which is what changes fastest. The sum is given as
-    `in_flight` (with `pending` 0): the decision only uses their sum.
+    `in_flight` (with `pending` 0): the decision only uses their sum. A resident's load is
+    counted the same way, per model.
     """
     status = record.status
+    reported = {i.model_id: i for i in status.instances}
+    own = own_by_model or {}
+    residents = []
+    for model_id, state in record.residents:
+        inst = reported.get(model_id)
+        cost = node.costs.get(model_id)
+        busy = own.get((node.node_id, status.device_id, model_id), 0) + \
+            record.model_others.get(model_id, 0)
+        if inst is not None:
+            residents.append(ResidentView(
+                model_id, state, busy=busy, charged_mb=inst.memory_charged_mb,
+                pinned=inst.pinned, exclusive=cost.exclusive if cost else False,
+                devices=tuple(inst.devices) if len(inst.devices) > 1 else ()))
+        else:  # seen in headers or routed by us, not yet in a report: charge its estimate
+            devices = cost.devices if cost and cost.devices else (status.device_id,)
+            share = (split_need(cost.memory_need_mb, devices, cost.split).get(
+                status.device_id, 0) if cost else 0)
+            residents.append(ResidentView(
+                model_id, state, busy=busy, charged_mb=share,
+                pinned=cost.pinned if cost else False,
+                exclusive=cost.exclusive if cost else False,
+                devices=devices if len(devices) > 1 else ()))
+    held = node.sets.get(status.mode) if status.mode else None
     return DeviceView(
         node_id=node.node_id, device_id=status.device_id, servable=node.costs,
         memory_total_mb=status.memory_total_mb, memory_free_mb=status.memory_free_mb,
-        loaded_model=record.loaded_model, slot_state=record.slot_state,
-        in_flight=own_in_flight + record.others, pending=0,
+        residents=tuple(residents), in_flight=own_in_flight + record.others, pending=0,
         pending_limit=status.pending_limit, up=node.state is NodeState.UP,
-        recent_requests=node.recent_requests)
+        recent_requests=node.recent_requests, held=held, sets=node.sets,
+        failed=status.failed_models, draining=node.draining)
 
 
 def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],
@@ -58,13 +84,13 @@ def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],
                 continue
             own = own_counts.get(key, 0)
             if memo is None:
-                views.append(device_view(node, record, own))
+                views.append(device_view(node, record, own, snapshot.own_by_model))
                 continue
             hit = memo.get(key)
             if hit is not None and hit[0] is node and hit[1] is record and hit[2] == own:
                 views.append(hit[3])
                 continue
-            view = device_view(node, record, own)
+            view = device_view(node, record, own, snapshot.own_by_model)
             memo[key] = (node, record, own, view)
             views.append(view)
     return views
@@ -77,16 +103,18 @@ def cluster_node(snapshot: RegistrySnapshot, node: NodeRecord) -> ClusterNode:
         d = snapshot.devices.get(key)
         if d is None:
             continue
-        status = d.status.model_copy(update={
-            "slot_state": d.slot_state, "loaded_model": d.loaded_model,
-            "in_flight": d.in_flight, "pending": d.pending})
+        status = d.status.model_copy(update={"in_flight": d.in_flight, "pending": d.pending})
         devices.append(ClusterDevice(node_id=node.node_id, status=status,
                                      dispatcher_in_flight=snapshot.own_in_flight.get(key, 0)))
     return ClusterNode(
         node_id=node.node_id, url=node.url, backend=node.backend, state=node.state,
         last_heartbeat_age_s=round(max(0.0, snapshot.now - node.last_seen), 3),
         registered_age_s=round(max(0.0, snapshot.now - node.registered_at), 3),
-        devices=devices, models=list(node.models))
+        devices=devices, models=list(node.models),
+        sets={k: sorted(v) for k, v in node.sets.items()}, draining=node.draining,
+        host_memory_total_mb=node.host_memory_total_mb,
+        host_memory_available_mb=node.host_memory_available_mb,
+        recent_stops=list(node.recent_stops))
 
 
 def cluster_nodes(snapshot: RegistrySnapshot) -> ClusterNodes:

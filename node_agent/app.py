@@ -18,7 +18,8 @@ from node_agent.config import NodeAgentConfig
 from node_agent.node import ModelFacts, Node
 from node_agent.pidfiles import PidFiles
 from node_agent.registration import run_registration
-from node_agent.slot import DeviceSlot, SlotSettings
+from node_agent.launcher import LlamaLauncher
+from node_agent.scheduler import NodeScheduler
 from rolemesh.errors import Unauthorized
 from rolemesh.http import bearer_token, error_middleware, request_context_middleware
 from rolemesh.net import free_loopback_port
@@ -49,6 +50,12 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/v1/node/inventory", handlers.inventory)
     app.router.add_get("/v1/route", handlers.route)
+    app.router.add_post("/v1/models/{model}/load", handlers.load_model)
+    app.router.add_post("/v1/models/{model}/unload", handlers.unload_model)
+    app.router.add_post("/v1/node/drain", handlers.drain)
+    app.router.add_post("/v1/node/undrain", handlers.undrain)
+    app.router.add_post("/v1/node/mode", handlers.set_mode)
+    app.router.add_post("/v1/node/optimize", handlers.optimize)
     for path in OPENAI_PATHS:
         app.router.add_post(path, handlers.openai_request)
 
@@ -64,38 +71,44 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=None))
-        settings = SlotSettings(
-            binary=Path(binary), startup_timeout_s=config.llama_server_startup_timeout_s,
-            probe_interval_s=config.llama_server_probe_interval_s,
-            stop_grace_s=config.llama_server_stop_grace_s,
-            pending_limit=config.max_pending_requests_per_device,
-            max_switch_wait_s=config.max_switch_wait_s,
-            queue_timeout_s=config.request_timeout_s)
         pidfiles = PidFiles(config.state_dir, config.node_id)
         pidfiles.reap_orphans()
         wanted = config.devices
-        slots = {d.device_id: DeviceSlot(d.device_id, dict(d.pin_env), settings, http,
-                                         pidfiles, free_loopback_port)
-                 for d in backend.devices() if wanted is None or d.device_id in wanted}
-        missing = sorted(set(wanted or ()) - set(slots))
+        figures = [d for d in backend.devices() if wanted is None or d.device_id in wanted]
+        # Best first: where a pinned or preloaded model goes (GPUs by size, the CPU last).
+        figures.sort(key=lambda d: (d.device_id == "cpu", -(d.memory_total_mb or 0),
+                                    d.device_id))
+        device_ids = [d.device_id for d in figures]
+        missing = sorted(set(wanted or ()) - set(device_ids))
+        missing += sorted({d for m in config.models for d in (m.devices or ())}
+                          - set(device_ids) - set(missing))
         if missing:
             raise RuntimeError(f"devices: {', '.join(missing)} not found by the "
-                               f"{backend.name} backend")
-        node = Node(config, backend, slots, facts)
+                               f"{backend.name} backend (or left out by devices:)")
+        node = Node(config, backend, device_ids, facts)
+        launcher = LlamaLauncher(
+            Path(binary), {d.device_id: dict(d.pin_env) for d in figures}, http, pidfiles,
+            free_loopback_port, startup_timeout_s=config.llama_server_startup_timeout_s,
+            probe_interval_s=config.llama_server_probe_interval_s)
+        scheduler = NodeScheduler(config, device_ids, node.budgets,
+                                  {m: f.memory_need_mb for m, f in facts.items()}, launcher,
+                                  queue_timeout_s=config.request_timeout_s)
+        node.attach(scheduler)
         app[NODE_KEY] = node
         app[HTTP_KEY] = http
         app[UPSTREAM_TIMEOUT_KEY] = aiohttp.ClientTimeout(
             total=None, sock_connect=10, sock_read=config.request_timeout_s)
         registration = (asyncio.create_task(run_registration(node, http))
                         if config.dispatcher_base_url else None)
+        scheduler.start()
         log.info("agent.started", node_id=config.node_id, backend=backend.name,
-                 devices=list(slots), models=[m.model_id for m in config.models],
+                 devices=device_ids, models=[m.model_id for m in config.models],
                  url=config.url, llama_server=binary)
         yield
         if registration is not None:
             registration.cancel()
             await asyncio.gather(registration, return_exceptions=True)
-        await asyncio.gather(*(s.shutdown() for s in slots.values()))
+        await scheduler.shutdown()
         await http.close()
         backend.close()
         log.info("agent.stopped", node_id=config.node_id)

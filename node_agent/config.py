@@ -27,12 +27,17 @@ STRUCTURED_FLAGS: dict[str, str] = {
     "alias": "--alias -a",
     "parallel": "--parallel -np",
     "embeddings": "--embeddings --embedding --pooling",
+    "split_mode": "--split-mode -sm",
 }
 # Flags the agent itself owns: where the model lives and where the server listens.
 # (--api-key too: llama-server listens on 127.0.0.1 only, and a key there would lock the agent
 # out of its own child; the agent's cluster_token guards the node instead.)
 AGENT_OWNED_FLAGS = ("--model", "-m", "--host", "--port", "--hf-repo", "-hf", "--model-url",
                      "-mu", "--hf-file", "-hff", "--api-key", "--api-key-file")
+
+
+def _is_device_id(d: str) -> bool:
+    return d == "cpu" or (d.startswith("gpu:") and d[4:].isdigit())
 
 
 class StrictModel(BaseModel):
@@ -55,6 +60,14 @@ class ModelConfig(StrictModel):
     alias: str | None = None
     parallel: int = Field(default=1, ge=1, le=256)
     embeddings: bool = False  # adds --embeddings --pooling mean
+    split_mode: Literal["none", "layer", "row"] | None = None
+    # Lifecycle (docs/lifecycle.md).
+    pinned: bool = False  # loaded at start, restarted after a crash, never evicted
+    preload: bool = False  # loaded at start, evictable like any other
+    ttl_s: float | Literal["never"] | None = None  # idle time before unloading; None: default
+    exclusive: bool = False  # runs alone on its device(s)
+    devices: list[str] | None = None  # a fixed placement: one device, or a group split over
+    memory_mb: int | None = Field(default=None, ge=1)  # the need, when the operator knows it
     server_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
     @field_validator("server_args")
@@ -72,6 +85,49 @@ class ModelConfig(StrictModel):
             if flag in AGENT_OWNED_FLAGS:
                 raise ValueError(f"{flag!r} is set by the agent itself and cannot be overridden")
         return value
+
+    @field_validator("ttl_s")
+    @classmethod
+    def _ttl_is_positive(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, int | float) and value <= 0:
+            raise ValueError("ttl_s must be > 0 seconds, or 'never'")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_are_ids(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("name at least one device, or leave devices out")
+        for d in value:
+            if not _is_device_id(d):
+                raise ValueError(f"{d!r} is not 'cpu' or 'gpu:N'")
+        if len(set(value)) != len(value):
+            raise ValueError("a device appears twice")
+        if len(value) > 1 and "cpu" in value:
+            raise ValueError("a device group is made of GPUs; 'cpu' cannot be in one")
+        return value
+
+    @model_validator(mode="after")
+    def _group_settings_agree(self) -> ModelConfig:
+        if self.tensor_split is not None and self.devices is not None and len(self.devices) > 1 \
+                and len(self.tensor_split) != len(self.devices):
+            raise ValueError(f"tensor_split has {len(self.tensor_split)} weights for "
+                             f"{len(self.devices)} devices")
+        if self.pinned and self.ttl_s not in (None, "never"):
+            raise ValueError("a pinned model is never unloaded: ttl_s does not apply")
+        return self
+
+    @property
+    def placement(self) -> tuple[str, ...] | None:
+        return tuple(self.devices) if self.devices is not None else None
+
+    @property
+    def split(self) -> tuple[float, ...] | None:
+        if self.devices is None or len(self.devices) < 2:
+            return None
+        return tuple(self.tensor_split) if self.tensor_split else None
 
     @field_validator("roles")
     @classmethod
@@ -101,6 +157,12 @@ class NodeAgentConfig(StrictModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     memory_safety_margin: float = Field(default=0.9, gt=0, le=1)
+    # Residency (docs/lifecycle.md).
+    co_residency: bool = True  # False: one model per device at a time, each switch a restart
+    default_ttl_s: float | None = Field(default=None, gt=0)  # None: never unload when idle
+    sets: dict[str, list[str]] = Field(default_factory=dict)  # models that may share a device
+    load_failure_backoff_s: float = Field(default=2.0, gt=0)  # doubles per failure, to 5 min
+    unload_timeout_s: float = Field(default=30.0, ge=0)  # wait for in-flight before stopping
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".local/state/rolemesh")
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -127,9 +189,23 @@ class NodeAgentConfig(StrictModel):
                     raise ValueError(f"models: role {role!r} is also a model_id")
         if self.devices is not None:
             for d in self.devices:
-                if d != "cpu" and not (d.startswith("gpu:") and d[4:].isdigit()):
+                if not _is_device_id(d):
                     raise ValueError(f"devices: {d!r} is not 'cpu' or 'gpu:N'")
+        for name, members in self.sets.items():
+            if not members:
+                raise ValueError(f"sets.{name}: a set names at least one model")
+            unknown = sorted(set(members) - seen)
+            if unknown:
+                raise ValueError(f"sets.{name}: {', '.join(unknown)} is not a model_id here")
         return self
+
+    def ttl_of(self, model: ModelConfig) -> float | None:
+        """Idle seconds before `model` is unloaded; None: never."""
+        if model.pinned or model.ttl_s == "never":
+            return None
+        if isinstance(model.ttl_s, int | float):
+            return float(model.ttl_s)
+        return self.default_ttl_s
 
     @property
     def url(self) -> str:

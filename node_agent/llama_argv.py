@@ -33,6 +33,8 @@ def build_argv(binary: str | Path, model: ModelConfig, port: int) -> list[str]:
             argv += [flag, str(value)]
     if model.tensor_split is not None:
         argv += ["--tensor-split", ",".join(_flag_value(v) for v in model.tensor_split)]
+    if model.split_mode is not None:
+        argv += ["--split-mode", model.split_mode]
     if model.flash_attn is not None:
         argv += ["--flash-attn", _flag_value(model.flash_attn)]
     if model.embeddings:

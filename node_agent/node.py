@@ -1,4 +1,4 @@
-"""This host as the agent sees it: its devices' slots, its models, and the choice between them."""
+"""This host as the agent sees it: its devices, its models, its scheduler, its own choice."""
 
 from __future__ import annotations
 
@@ -11,11 +11,26 @@ import structlog
 
 from node_agent.backends import DeviceBackend, DeviceFigures
 from node_agent.config import ModelConfig, NodeAgentConfig
-from node_agent.slot import DeviceSlot
-from rolemesh.api import DeviceStatus, ModelStatus, NodeInventory
-from rolemesh.decision import Decision, DeviceView, ModelCost, Outcome, Policy, choose
+from node_agent.instance import ModelInstance
+from node_agent.scheduler import DEFAULT_LOAD_S, Budget, NodeScheduler
+from rolemesh.api import (
+    DeviceStatus,
+    InstanceStatus,
+    MemorySource,
+    ModelStatus,
+    NodeInventory,
+    StopRecord,
+)
+from rolemesh.decision import (
+    Decision,
+    DeviceView,
+    ModelCost,
+    Outcome,
+    Policy,
+    ResidentView,
+    choose,
+)
 from rolemesh.errors import (
-    BadRequest,
     DeviceBusy,
     ModelDoesNotFit,
     ModelNotFound,
@@ -27,7 +42,6 @@ from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf
 _MB = 1024 * 1024
 log = structlog.get_logger("node_agent.node")
 FIGURES_TTL_S = 1.0
-DEFAULT_LOAD_S = 5.0  # what we assume a load costs before we have measured one
 
 
 class ModelFileError(Exception):
@@ -55,7 +69,7 @@ def check_model_files(config: NodeAgentConfig) -> dict[str, ModelFacts]:
         except NotAGGUFFile as exc:
             problems.append(f"{where}: {exc}")
             continue
-        need = estimate_memory_mb(gguf, model.ctx_size, model.parallel)
+        need = model.memory_mb or estimate_memory_mb(gguf, model.ctx_size, model.parallel)
         facts[model.model_id] = ModelFacts(-(-gguf.file_size_bytes // _MB), need)
     if problems:
         raise ModelFileError("\n".join(problems))
@@ -63,18 +77,24 @@ def check_model_files(config: NodeAgentConfig) -> dict[str, ModelFacts]:
 
 
 class Node:
+    """This host: its devices' figures, its scheduler, its inventory and its own decision."""
+
     def __init__(self, config: NodeAgentConfig, backend: DeviceBackend,
-                 slots: dict[str, DeviceSlot], facts: dict[str, ModelFacts],
+                 device_ids: list[str], facts: dict[str, ModelFacts],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.backend = backend
-        self.slots = slots
+        self.device_ids = device_ids
         self.facts = facts
         self._clock = clock
         self._policy = Policy(memory_safety_margin=config.memory_safety_margin)
         self._figures: dict[str, DeviceFigures] = {}
         self._figures_at = -FIGURES_TTL_S
         self._seq = 0
+        self.scheduler: NodeScheduler  # set by attach(): it needs our budgets
+
+    def attach(self, scheduler: NodeScheduler) -> None:
+        self.scheduler = scheduler
 
     # -- figures -----------------------------------------------------------------------------
 
@@ -89,32 +109,68 @@ class Node:
                     raise
                 log.warning("backend.read_failed", backend=self.backend.name, error=str(exc))
             else:
-                self._figures = {d.device_id: d for d in fresh if d.device_id in self.slots}
+                self._figures = {d.device_id: d for d in fresh if d.device_id in self.device_ids}
         return self._figures
+
+    def budgets(self) -> dict[str, Budget]:
+        figures = self.figures()
+        return {d: Budget(figures[d].memory_total_mb, figures[d].memory_free_mb)
+                for d in self.device_ids if d in figures}
+
+    def instance_status(self, inst: ModelInstance, device_id: str) -> InstanceStatus:
+        sched = self.scheduler
+        return InstanceStatus(
+            model_id=inst.model_id, devices=list(inst.devices), state=inst.state,
+            in_flight=inst.in_flight, queued=sched.queued_for(inst.key),
+            parallel=inst.model.parallel, memory_charged_mb=inst.charged_mb.get(device_id, 0),
+            memory_source=(MemorySource.MEASURED if inst.measured_mb is not None
+                           else MemorySource.ESTIMATED),
+            memory_estimated_mb=inst.estimated_mb, memory_measured_mb=inst.measured_mb,
+            pinned=inst.model.pinned,
+            idle_s=(round(self._clock() - inst.idle_since, 3)
+                    if inst.idle_since is not None else None),
+            ttl_left_s=_round(sched.ttl_left(inst)),
+            last_load_s=_round(inst.last_load_s), restarts=inst.restarts,
+            draining_for=inst.draining_for or (inst.stop_reason.value
+                                               if inst.stop_reason else None),
+            last_error=inst.last_error)
 
     def device_status(self, device_id: str) -> DeviceStatus:
         fig = self.figures()[device_id]
-        snap = self.slots[device_id].snapshot()
+        sched = self.scheduler
+        in_flight, pending = sched.queue_of(device_id)
         return DeviceStatus(
             device_id=device_id, name=fig.name, backend=self.backend.name,
             memory_total_mb=fig.memory_total_mb, memory_used_mb=fig.memory_used_mb,
             memory_free_mb=fig.memory_free_mb, utilization_pct=fig.utilization_pct,
-            slot_state=snap.state, loaded_model=snap.loaded_model, in_flight=snap.in_flight,
-            pending=snap.pending, pending_limit=snap.pending_limit, parallel=snap.parallel,
-            last_error=snap.last_error)
+            memory_charged_mb=sched.charged_on(device_id),
+            instances=[self.instance_status(i, device_id) for i in sched.instances_on(device_id)],
+            in_flight=in_flight, pending=pending,
+            pending_limit=self.config.max_pending_requests_per_device,
+            mode=sched.held.get(device_id), failed_models=sched.failed_models(device_id),
+            last_error=sched.failure_of(device_id))
 
     def model_statuses(self) -> list[ModelStatus]:
+        sched = self.scheduler
         out = []
         for m in self.config.models:
             facts = self.facts[m.model_id]
-            loads = [s.load_seconds[m.model_id] for s in self.slots.values()
-                     if m.model_id in s.load_seconds]
+            load = sched.load_seconds.get(m.model_id)
             out.append(ModelStatus(
                 model_id=m.model_id, roles=list(m.roles), file_size_mb=facts.file_size_mb,
                 memory_need_mb=facts.memory_need_mb,
-                last_load_s=round(max(loads), 4) if loads else None,
-                recent_requests=sum(s.recent_requests(m.model_id) for s in self.slots.values())))
+                devices=list(m.devices) if m.devices else None,
+                split=list(m.split) if m.split else None, pinned=m.pinned, preload=m.preload,
+                exclusive=m.exclusive, ttl_s=self.config.ttl_of(m),
+                last_load_s=round(load, 4) if load is not None else None,
+                recent_requests=sched.recent_requests(m.model_id)))
         return out
+
+    def stop_records(self) -> list[StopRecord]:
+        now = self._clock()
+        return [StopRecord(model_id=s.model_id, devices=list(s.devices), reason=s.reason,
+                           detail=s.detail, age_s=round(now - s.at, 3))
+                for s in list(self.scheduler.stops)[-20:]]
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -123,75 +179,93 @@ class Node:
     def inventory(self) -> NodeInventory:
         return NodeInventory(node_id=self.config.node_id, url=self.config.url,
                              backend=self.backend.name, seq=self.next_seq(),
-                             devices=[self.device_status(d) for d in self.slots],
-                             models=self.model_statuses())
+                             devices=[self.device_status(d) for d in self.device_ids],
+                             models=self.model_statuses(), sets=dict(self.config.sets),
+                             draining=self.scheduler.draining,
+                             recent_stops=self.stop_records())
 
-    # -- choosing a device --------------------------------------------------------------------
+    # -- choosing a device (requests sent to this agent directly) ------------------------------
 
-    def _view(self, device_id: str) -> DeviceView:
-        fig = self.figures()[device_id]
-        slot = self.slots[device_id]
-        snap = slot.snapshot()
-        servable = {m.model_id: ModelCost(self.facts[m.model_id].memory_need_mb,
-                                          slot.load_seconds.get(m.model_id, DEFAULT_LOAD_S))
-                    for m in self.config.models}
-        free = fig.memory_free_mb
-        return DeviceView(
-            node_id=self.config.node_id, device_id=device_id, servable=servable,
-            memory_total_mb=fig.memory_total_mb, memory_free_mb=free,
-            loaded_model=snap.loaded_model, slot_state=snap.state, in_flight=snap.in_flight,
-            pending=snap.pending, pending_limit=snap.pending_limit,
-            recent_requests={m: slot.recent_requests(m) for m in servable})
+    def costs(self) -> dict[str, ModelCost]:
+        sched = self.scheduler
+        return {m.model_id: ModelCost(self.facts[m.model_id].memory_need_mb,
+                                      sched.load_seconds.get(m.model_id, DEFAULT_LOAD_S),
+                                      devices=m.placement, split=m.split, pinned=m.pinned,
+                                      exclusive=m.exclusive)
+                for m in self.config.models}
 
-    def _named_by_dispatcher(self, name: str, device_id: str | None, model_id: str | None
-                             ) -> tuple[DeviceSlot, ModelConfig] | None:
-        """The dispatcher already chose device and model (on the whole cluster's figures):
-        take them without deciding again; the slot's queue still says yes or busy."""
-        if device_id is None or model_id is None:
-            return None
-        slot = self.slots.get(device_id)
-        model = self.config.model(model_id)
-        if slot is None or model is None:
-            return None  # decide() explains what is wrong
-        if name != model_id and name not in model.roles and self.config.models_for(name):
-            return None  # the name is ours and means other models: decide() says so
-        return slot, model
+    def views(self) -> list[DeviceView]:
+        sched = self.scheduler
+        figures = self.figures()
+        servable = self.costs()
+        recent = {m: sched.recent_requests(m) for m in servable}
+        sets = {n: frozenset(ms) for n, ms in self.config.sets.items()}
+        views = []
+        for d in self.device_ids:
+            fig = figures[d]
+            in_flight, pending = sched.queue_of(d)
+            residents = tuple(ResidentView(
+                i.model_id, i.state, busy=i.in_flight + sched.queued_for(i.key),
+                charged_mb=i.charged_mb.get(d, 0), pinned=i.model.pinned,
+                exclusive=i.model.exclusive,
+                devices=i.devices if len(i.devices) > 1 else ())
+                for i in sched.instances_on(d))
+            held = sched.held.get(d)
+            views.append(DeviceView(
+                node_id=self.config.node_id, device_id=d, servable=servable,
+                memory_total_mb=fig.memory_total_mb, memory_free_mb=fig.memory_free_mb,
+                residents=residents, in_flight=in_flight, pending=pending,
+                pending_limit=self.config.max_pending_requests_per_device,
+                recent_requests=recent, held=sets[held] if held else None, sets=sets,
+                failed=sched.failed_models(d), draining=sched.draining,
+                co_residency=self.config.co_residency))
+        return views
+
+    def placement_of(self, model: ModelConfig, device: str) -> tuple[str, ...]:
+        """The placement a dispatcher's X-RoleMesh-Device names for `model`."""
+        devices = tuple(device.split("+"))
+        unknown = [d for d in devices if d not in self.device_ids]
+        if unknown:
+            raise UnknownDevice(f"X-RoleMesh-Device {device!r} is not a device of node "
+                                f"{self.config.node_id!r} ({', '.join(self.device_ids)})")
+        if model.placement is not None and devices != model.placement:
+            raise UnknownDevice(f"{model.model_id} runs on {'+'.join(model.placement)}, "
+                                f"not on {device}")
+        if model.placement is None and len(devices) != 1:
+            raise UnknownDevice(f"{model.model_id} runs on one device, not on {device}")
+        return devices
 
     def decide(self, name: str, device_id: str | None = None,
                model_id: str | None = None) -> Decision:
         models = self.config.models_for(name)
-        if not models and model_id is not None and self.config.model(model_id) is not None:
-            # The dispatcher resolved a name only it knows (an alias) to one of our models.
+        if model_id is not None and self.config.model(model_id) is not None:
+            # The dispatcher resolved the name (maybe an alias only it knows): final.
             models = [self.config.model(model_id)]  # type: ignore[list-item]
         if not models:
             known = sorted({m.model_id for m in self.config.models}
                            | {r for m in self.config.models for r in m.roles})
             raise ModelNotFound(f"model or role {name!r} is not served by node "
                                 f"{self.config.node_id!r}; it serves: {', '.join(known)}")
-        if model_id is not None:
-            models = [m for m in models if m.model_id == model_id]
-            if not models:
-                raise BadRequest(f"X-RoleMesh-Model {model_id!r} is not a model of {name!r}")
+        views = self.views()
         if device_id is not None:
-            if device_id not in self.slots:
+            wanted = set(device_id.split("+"))
+            unknown = sorted(wanted - set(self.device_ids))
+            if unknown:
                 raise UnknownDevice(f"X-RoleMesh-Device {device_id!r} is not a device of node "
-                                    f"{self.config.node_id!r} ({', '.join(self.slots)})")
-            device_ids = [device_id]
-        else:
-            device_ids = list(self.slots)
-        views = [self._view(d) for d in device_ids]
+                                    f"{self.config.node_id!r} ({', '.join(self.device_ids)})")
+            views = [v for v in views if v.device_id in wanted]
         return choose([m.model_id for m in models], views, self._policy)
 
     def pick(self, name: str, device_id: str | None = None,
-             model_id: str | None = None) -> tuple[DeviceSlot, ModelConfig]:
-        named = self._named_by_dispatcher(name, device_id, model_id)
-        if named is not None:
-            return named
+             model_id: str | None = None) -> tuple[ModelConfig, tuple[str, ...]]:
+        named = self.config.model(model_id) if model_id is not None else None
+        if named is not None and device_id is not None:
+            return named, self.placement_of(named, device_id)  # the dispatcher chose
         decision = self.decide(name, device_id, model_id)
         if decision.winner is not None:
             model = self.config.model(decision.winner.model_id)
             assert model is not None
-            return self.slots[decision.winner.device_id], model
+            return model, tuple(decision.winner.device_id.split("+"))
         match decision.outcome:
             case Outcome.FITS_NOWHERE:
                 raise ModelDoesNotFit(f"{decision.explain()} (after the "
@@ -201,3 +275,7 @@ class Node:
                                  retry_after_s=decision.retry_after_s or 1.0)
             case _:
                 raise ModelNotReady(decision.explain())
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None

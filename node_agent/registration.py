@@ -84,9 +84,12 @@ async def _heartbeat_until_forgotten(node: Node, http: aiohttp.ClientSession, ba
         await asyncio.sleep(interval)
         models = node.model_statuses()
         beat = HeartbeatRequest(node_id=node.config.node_id, seq=node.next_seq(),
-                                devices=[node.device_status(d) for d in node.slots],
+                                devices=[node.device_status(d) for d in node.device_ids],
                                 # Unchanged models are left out: less for both sides to parse.
-                                models=None if models == last_models else models)
+                                models=None if models == last_models else models,
+                                sets=dict(node.config.sets) if last_models is None else None,
+                                draining=node.scheduler.draining,
+                                recent_stops=node.stop_records())
         try:
             await _post(http, base + "/v1/nodes/heartbeat", node.config.cluster_token,
                         beat.model_dump_json(), timeout_s)

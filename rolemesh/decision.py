@@ -1,18 +1,24 @@
 """Which device serves a request: a pure function of data.
 
 No I/O, no logging, no clock. The dispatcher calls it over the whole cluster, the node
-agent over its own devices; both render the returned `Decision` (the winner plus a verdict
-per candidate) for `/v1/route`, errors and logs.
+agent over its own devices (for requests sent to it directly); both render the returned
+`Decision` (the winner plus a verdict per candidate) for `/v1/route`, errors and logs.
 
-The rules, in order (see docs/scheduling.md for why):
-1. candidates: every (device, model) where the device's node serves one of the models;
-2. drop devices that are down, at their pending limit, or too small for the model;
-3. a device that already has the model (ready or starting) wins, least queue first;
-4. else an empty device where the model fits: most free memory, then least queue;
-5. else evict, on an idle device, the loaded model that is cheapest to lose
-   (recent requests x its load time; free when it is loaded on another device too);
-6. else queue behind a busy device's current work and switch when it drains (the agent
-   bounds that wait), least queue first; a busy model is never evicted under its users;
+A device holds a set of model instances. A candidate is a (placement, model) pair: the
+placement is one device, or the device group a model is split over. The rules, in order
+(see docs/scheduling.md for why):
+1. candidates: every placement where the node serves one of the models;
+2. drop placements that are down or draining, at their pending limit, too small for the
+   model, held for a set without it, where the model failed to load recently, or where
+   only pinned models could make room;
+3. a placement that already has the model (ready or starting) wins, least queue first;
+4. else one where the model fits beside what is resident: a device without busy
+   neighbours first, then the best fit (least room left over, so big rooms stay free for
+   the models only they can hold), then least queue;
+5. else stop, on that placement, the cheapest set of idle unpinned instances that makes
+   room (recent requests x load time; free when a copy runs elsewhere);
+6. else queue behind busy instances and switch when they drain (the agent bounds that
+   wait), least queue first; a busy model is never evicted under its users;
 7. else nothing, with a reason the client can act on.
 """
 
@@ -24,16 +30,22 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from rolemesh.api import SlotState
+from rolemesh.api import InstanceState
+from rolemesh.residency import NoRoom, Resident, Room, Target, make_room, split_need
 
 
 class Reason(StrEnum):
     NODE_DOWN = "node_down"
+    NODE_DRAINING = "node_draining"
     AT_PENDING_LIMIT = "at_pending_limit"
     DOES_NOT_FIT = "does_not_fit"
-    NOT_ENOUGH_FREE_MEMORY = "not_enough_free_memory"
+    RECENTLY_FAILED = "recently_failed"  # its load failed here; backing off
+    HELD_FOR_SET = "held_for_set"  # the operator holds the device for another set
+    NO_ROOM = "no_room"  # only pinned (or exclusive-pinned) models could make room
+    NOT_ENOUGH_FREE_MEMORY = "not_enough_free_memory"  # held by something outside RoleMesh
     MODEL_LOADED = "model_loaded"
     FITS_EMPTY_DEVICE = "fits_empty_device"
+    FITS_BESIDE = "fits_beside"  # room beside the resident instances
     EVICT_IDLE_MODEL = "evict_idle_model"
     SWITCH_AFTER_QUEUE = "switch_after_queue"
 
@@ -41,6 +53,7 @@ class Reason(StrEnum):
 class Action(StrEnum):
     USE_LOADED = "use_loaded"
     LOAD_ON_EMPTY = "load_on_empty"
+    LOAD_BESIDE = "load_beside"
     EVICT = "evict"
     SWITCH_AFTER_QUEUE = "switch_after_queue"
 
@@ -53,23 +66,54 @@ class Outcome(StrEnum):
     NO_CANDIDATES = "no_candidates"
 
 
-_RULE_OF_REASON: dict[Reason, Action] = {
+# Eligible reasons, in the order their groups are tried.
+_GROUPS: tuple[tuple[Reason, ...], ...] = (
+    (Reason.MODEL_LOADED,),
+    (Reason.FITS_EMPTY_DEVICE, Reason.FITS_BESIDE),
+    (Reason.EVICT_IDLE_MODEL,),
+    (Reason.SWITCH_AFTER_QUEUE,),
+)
+_ACTION: dict[Reason, Action] = {
     Reason.MODEL_LOADED: Action.USE_LOADED,
     Reason.FITS_EMPTY_DEVICE: Action.LOAD_ON_EMPTY,
+    Reason.FITS_BESIDE: Action.LOAD_BESIDE,
     Reason.EVICT_IDLE_MODEL: Action.EVICT,
     Reason.SWITCH_AFTER_QUEUE: Action.SWITCH_AFTER_QUEUE,
 }
+_ELIGIBLE = frozenset(_ACTION)
 
-_LOADED_STATES = frozenset({SlotState.READY, SlotState.STARTING})
-_SWITCHING_STATES = frozenset({SlotState.DRAINING, SlotState.STOPPING})
+_LOADED_STATES = frozenset({InstanceState.READY, InstanceState.STARTING})
+_LEAVING_STATES = frozenset({InstanceState.DRAINING, InstanceState.STOPPING})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelCost:
-    """What a model costs on one node: memory to hold it, seconds to load it."""
+    """What a model costs on one node: memory to hold it, seconds to load it, and the
+    operator's constraints on where it runs."""
 
     memory_need_mb: int
     load_s: float = 1.0
+    devices: tuple[str, ...] | None = None  # a fixed placement (a device or a group)
+    split: tuple[float, ...] | None = None  # the group's tensor split
+    pinned: bool = False
+    exclusive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResidentView:
+    """A model instance on a device, as the decision sees it."""
+
+    model_id: str
+    state: InstanceState = InstanceState.READY
+    busy: int = 0  # requests in flight or queued for it
+    charged_mb: int = 0  # on this device
+    pinned: bool = False
+    exclusive: bool = False
+    devices: tuple[str, ...] = ()  # its placement when it spans several devices
+
+    @property
+    def holds(self) -> bool:
+        return self.state in _LOADED_STATES
 
 
 @dataclass(frozen=True)
@@ -80,14 +124,18 @@ class DeviceView:
     device_id: str
     servable: Mapping[str, ModelCost]  # model id -> cost, for the models its node serves
     memory_total_mb: int | None = None
-    memory_free_mb: int | None = None
-    loaded_model: str | None = None
-    slot_state: SlotState = SlotState.EMPTY
+    memory_free_mb: int | None = None  # what the backend reports free; None: not reported
+    residents: tuple[ResidentView, ...] = ()
     in_flight: int = 0
     pending: int = 0
     pending_limit: int = 2
     up: bool = True
     recent_requests: Mapping[str, int] = field(default_factory=dict)
+    held: frozenset[str] | None = None  # the operator holds this device for a set
+    sets: Mapping[str, frozenset[str]] = field(default_factory=dict)  # its node's sets
+    failed: Mapping[str, float] = field(default_factory=dict)  # model -> backoff left (s)
+    draining: bool = False  # its node is draining
+    co_residency: bool = True  # False: one model at a time (the node's config)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -98,8 +146,12 @@ class DeviceView:
         return self.in_flight + self.pending
 
     @property
-    def holds_model(self) -> bool:
-        return self.loaded_model is not None and self.slot_state in _LOADED_STATES
+    def loaded_models(self) -> tuple[str, ...]:
+        return tuple(r.model_id for r in self.residents if r.holds)
+
+    @property
+    def charged_mb(self) -> int:
+        return sum(r.charged_mb for r in self.residents)
 
 
 @dataclass(frozen=True)
@@ -111,17 +163,19 @@ class Policy:
 @dataclass(frozen=True)
 class Verdict:
     node_id: str
-    device_id: str
+    device_id: str  # a device, or a group as "gpu:0+gpu:1"
     model_id: str
     reason: Reason
     chosen: bool = False
     queue: int = 0
-    memory_need_mb: int | None = None
+    memory_need_mb: int | None = None  # on the placement's first device (its share)
     memory_total_mb: int | None = None
-    memory_free_mb: int | None = None
-    eviction_cost: float | None = None  # for evictions: what losing the loaded model costs
-    evicts: str | None = None
-    recently_failed: bool = False  # its slot is `failed`: its last start or process died
+    memory_free_mb: int | None = None  # room left for it: total x margin - charged
+    eviction_cost: float | None = None  # what losing the evicted instances costs
+    evicts: tuple[str, ...] = ()  # model ids it would stop to make room
+    recently_failed: bool = False  # a failed start here, backing off (or about to retry)
+    busy_neighbours: bool = False  # instances on it are serving: it would share compute
+    note: str | None = None  # why it is excluded, when a reason alone does not say
 
 
 @dataclass(frozen=True)
@@ -139,7 +193,7 @@ class Decision:
 
     @cached_property
     def verdicts(self) -> tuple[Verdict, ...]:
-        """A verdict for every candidate (device, model), the winner's marked `chosen`."""
+        """A verdict for every candidate (placement, model), the winner's marked `chosen`."""
         if self.judged is not None:
             return self.judged
         assert self.judge_all is not None
@@ -148,8 +202,9 @@ class Decision:
     def explain(self) -> str:
         if self.winner is not None and self.action is not None:
             w = self.winner
+            evicts = f", stopping {', '.join(w.evicts)}" if w.evicts else ""
             return (f"{w.model_id} on {w.node_id}/{w.device_id}: {self.action.value} "
-                    f"({w.reason.value})")
+                    f"({w.reason.value}{evicts})")
         names = ", ".join(self.model_ids)
         match self.outcome:
             case Outcome.NO_CANDIDATES:
@@ -165,6 +220,10 @@ class Decision:
                 return f"every device that can serve {names} is busy"
 
 
+def placement_id(devices: Sequence[str]) -> str:
+    return "+".join(devices)
+
+
 def fits_device(cost: ModelCost, device: DeviceView, policy: Policy) -> bool:
     return _fits(cost.memory_need_mb, device.memory_total_mb, policy)
 
@@ -175,31 +234,55 @@ def _fits(need_mb: int | None, total_mb: int | None, policy: Policy) -> bool:
     return need_mb <= total_mb * policy.memory_safety_margin
 
 
-def eviction_cost(device: DeviceView, holders: Mapping[str, int]) -> float:
-    """What losing `device`'s loaded model costs: zero if another device holds it too."""
-    model = device.loaded_model
-    if model is None:
+def holders_of(devices: Sequence[DeviceView]) -> dict[str, int]:
+    """How many up placements hold each model (a group's instance counts once)."""
+    seen: set[tuple[str, str, str]] = set()
+    holders: dict[str, int] = {}
+    for d in devices:
+        if not d.up:
+            continue
+        for r in d.residents:
+            if not r.holds:
+                continue
+            where = (d.node_id, placement_id(r.devices) if r.devices else d.device_id,
+                     r.model_id)
+            if where not in seen:
+                seen.add(where)
+                holders[r.model_id] = holders.get(r.model_id, 0) + 1
+    return holders
+
+
+def losing_cost(device: DeviceView, model_id: str, holders: Mapping[str, int]) -> float:
+    """What losing `model_id`'s instance on `device` costs: zero if another copy runs."""
+    if holders.get(model_id, 0) > 1:
         return 0.0
-    if holders.get(model, 0) > 1:
-        return 0.0
-    cost = device.servable.get(model)
+    cost = device.servable.get(model_id)
     load_s = cost.load_s if cost is not None else 1.0
-    return device.recent_requests.get(model, 0) * load_s
+    return device.recent_requests.get(model_id, 0) * load_s
 
 
-# Every key ends with (node, device, model): a tie never depends on input order.
+# Every key ends with (node, placement, model): a tie never depends on input order.
 _RANK: dict[Reason, Callable[[Verdict], tuple[Any, ...]]] = {
     Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0),
                                     v.node_id, v.device_id, v.model_id),
-    # A failed slot is empty too, but whatever broke it may break the next load as well:
-    # a healthy empty device goes first.
-    Reason.FITS_EMPTY_DEVICE: lambda v: (v.recently_failed, -(v.memory_free_mb or 0), v.queue,
+    # A failed placement is empty too, but whatever broke it may break the next load as
+    # well; then a device with no busy neighbour (they would share its compute); then the
+    # best fit, so a big device stays free for what only it can hold.
+    Reason.FITS_EMPTY_DEVICE: lambda v: (v.recently_failed, v.busy_neighbours,
+                                         _leftover(v), v.queue,
                                          v.node_id, v.device_id, v.model_id),
-    Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, -(v.memory_total_mb or 0),
-                                        v.node_id, v.device_id, v.model_id),
+    Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, v.recently_failed,
+                                        _leftover(v), v.node_id, v.device_id, v.model_id),
     Reason.SWITCH_AFTER_QUEUE: lambda v: (v.queue, v.eviction_cost or 0.0,
                                           v.node_id, v.device_id, v.model_id),
 }
+_RANK[Reason.FITS_BESIDE] = _RANK[Reason.FITS_EMPTY_DEVICE]
+
+
+def _leftover(v: Verdict) -> float:
+    if v.memory_free_mb is None or v.memory_need_mb is None:
+        return float("inf")  # unknown sizes go after known fits
+    return v.memory_free_mb - v.memory_need_mb
 
 
 _DEFAULT_POLICY = Policy()
@@ -219,105 +302,176 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],
                      policy: Policy) -> Decision | None:
     """Rule 3 without judging every candidate: the common case, kept cheap at scale.
 
-    Only devices that hold a wanted model are looked at; when one of them can take the
-    request it wins exactly as in `_judge_all` (same tests, same ranking), and the other
-    candidates' verdicts are judged only if someone reads them (/v1/route, errors).
+    Only single-device instances of a wanted model are looked at; when one of them can
+    take the request it wins exactly as in `_judge_all` (same tests, same ranking), and the
+    other candidates' verdicts are judged only if someone reads them.
     """
     wanted_set = frozenset(wanted)
     margin = policy.memory_safety_margin
     loaded_states = _LOADED_STATES
-    best: DeviceView | None = None
+    best: tuple[DeviceView, ResidentView] | None = None
     best_key: tuple[Any, ...] | None = None
-    # Written for speed (this runs per request over the whole cluster): no calls, no
-    # properties, a tuple built only for a device that can take the request.
     for d in devices:
-        model = d.loaded_model
-        if model not in wanted_set or not d.up or d.slot_state not in loaded_states:
+        if not d.up or d.draining:
             continue
-        cost = d.servable.get(model)
-        if cost is None:
-            continue
-        total = d.memory_total_mb
-        if total is not None and cost.memory_need_mb > total * margin:
-            continue
-        queue = d.in_flight + d.pending
-        if queue >= d.pending_limit:
-            continue
-        key = (queue, -(d.memory_free_mb or 0), d.node_id, d.device_id, model)
-        if best_key is None or key < best_key:
-            best, best_key = d, key
-    if best is None or best.loaded_model is None:
+        for r in d.residents:
+            model = r.model_id
+            if model not in wanted_set or r.state not in loaded_states or r.devices:
+                continue
+            cost = d.servable.get(model)
+            if cost is None or model in d.failed:
+                continue
+            total = d.memory_total_mb
+            if total is not None and cost.memory_need_mb > total * margin:
+                continue
+            if d.held is not None and model not in d.held:
+                continue
+            queue = d.in_flight + d.pending
+            if queue >= d.pending_limit:
+                continue
+            free = _room_left(d, margin)
+            key = (queue, -(free or 0), d.node_id, d.device_id, model)
+            if best_key is None or key < best_key:
+                best, best_key = (d, r), key
+    if best is None:
         return None
-    cost = best.servable[best.loaded_model]
-    winner = Verdict(best.node_id, best.device_id, best.loaded_model, Reason.MODEL_LOADED,
-                     chosen=True, queue=best.queue, memory_need_mb=cost.memory_need_mb,
-                     memory_total_mb=best.memory_total_mb, memory_free_mb=best.memory_free_mb)
+    d, r = best
+    cost = d.servable[r.model_id]
+    winner = Verdict(d.node_id, d.device_id, r.model_id, Reason.MODEL_LOADED, chosen=True,
+                     queue=d.queue, memory_need_mb=cost.memory_need_mb,
+                     memory_total_mb=d.memory_total_mb,
+                     memory_free_mb=_room_left(d, margin))
     snapshot = list(devices)
     return Decision(Outcome.ROUTED, wanted, None, winner=winner, action=Action.USE_LOADED,
                     judge_all=lambda: _judge_all(wanted, snapshot, policy))
 
 
+def _room_left(d: DeviceView, margin: float) -> int | None:
+    if d.memory_total_mb is None:
+        return None
+    left = int(d.memory_total_mb * margin) - d.charged_mb
+    if d.memory_free_mb is not None:
+        left = min(left, d.memory_free_mb)
+    return left
+
+
 def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
                policy: Policy) -> Decision:
-    holders: dict[str, int] = {}
+    holders = holders_of(devices)
+    by_node: dict[str, dict[str, DeviceView]] = {}
     for d in devices:
-        if d.up and d.holds_model and d.loaded_model is not None:
-            holders[d.loaded_model] = holders.get(d.loaded_model, 0) + 1
+        by_node.setdefault(d.node_id, {})[d.device_id] = d
 
     verdicts: list[Verdict] = []
-    eligible: dict[Reason, list[Verdict]] = {r: [] for r in _RULE_OF_REASON}
+    eligible: dict[Reason, list[Verdict]] = {r: [] for r in _ELIGIBLE}
     for device in devices:
         for model_id in wanted:
             cost = device.servable.get(model_id)
             if cost is None:
                 continue
-            verdict = _judge(device, model_id, cost, policy, holders)
+            if cost.devices is not None:
+                if device.device_id != cost.devices[0]:
+                    continue  # a fixed placement is judged once, at its first device
+                members = [by_node[device.node_id].get(m) for m in cost.devices]
+                if any(m is None for m in members):
+                    continue  # a device of the group is not reported: not placeable
+                group = [m for m in members if m is not None]
+            else:
+                group = [device]
+            verdict = _judge(group, model_id, cost, policy, holders)
             verdicts.append(verdict)
             if verdict.reason in eligible:
                 eligible[verdict.reason].append(verdict)
 
-    for reason, action in _RULE_OF_REASON.items():
-        group = eligible[reason]
-        if not group:
+    for reasons in _GROUPS:
+        group_verdicts = [v for r in reasons for v in eligible[r]]
+        if not group_verdicts:
             continue
-        best = min(group, key=_RANK[reason])
+        best = min(group_verdicts, key=_RANK[group_verdicts[0].reason])
         winner = _with_chosen(best)
         final = tuple(winner if v is best else v for v in verdicts)
-        return Decision(Outcome.ROUTED, wanted, final, winner=winner, action=action)
+        return Decision(Outcome.ROUTED, wanted, final, winner=winner,
+                        action=_ACTION[best.reason])
 
     return _nothing(wanted, tuple(verdicts), devices, policy)
 
 
-def _judge(device: DeviceView, model_id: str, cost: ModelCost, policy: Policy,
+def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: Policy,
            holders: Mapping[str, int]) -> Verdict:
-    def verdict(reason: Reason, **extra: object) -> Verdict:
-        return Verdict(device.node_id, device.device_id, model_id, reason, queue=device.queue,
-                       memory_need_mb=cost.memory_need_mb,
-                       memory_total_mb=device.memory_total_mb,
-                       memory_free_mb=device.memory_free_mb, **extra)  # type: ignore[arg-type]
+    first = group[0]
+    ids = tuple(d.device_id for d in group)
+    need = split_need(cost.memory_need_mb, ids, cost.split)
+    queue = max(d.queue for d in group)
+    margin = policy.memory_safety_margin
 
-    if not device.up:
+    def verdict(reason: Reason, **extra: Any) -> Verdict:
+        return Verdict(first.node_id, placement_id(ids), model_id, reason, queue=queue,
+                       memory_need_mb=need[first.device_id],
+                       memory_total_mb=first.memory_total_mb,
+                       memory_free_mb=_room_left(first, margin), **extra)
+
+    if not all(d.up for d in group):
         return verdict(Reason.NODE_DOWN)
-    if not fits_device(cost, device, policy):
+    if any(d.draining for d in group):
+        return verdict(Reason.NODE_DRAINING)
+    if not all(_fits(need[d.device_id], d.memory_total_mb, policy) for d in group):
         return verdict(Reason.DOES_NOT_FIT)
-    if device.queue >= device.pending_limit:
+    if any(d.queue >= d.pending_limit for d in group):
         return verdict(Reason.AT_PENDING_LIMIT)
-    if device.holds_model and device.loaded_model == model_id:
+    if model_id in first.failed:
+        return verdict(Reason.RECENTLY_FAILED, recently_failed=True,
+                       note=f"backing off for {first.failed[model_id]:.1f}s")
+    if any(r.model_id == model_id and r.holds and (r.devices or (first.device_id,)) == ids
+           for r in first.residents):
         return verdict(Reason.MODEL_LOADED)
-    if device.slot_state in _SWITCHING_STATES:
-        # Mid-switch to some model: usable once that switch and its queue are done.
-        return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=0.0, evicts=device.loaded_model)
-    if not device.holds_model:
-        free = device.memory_free_mb
-        if free is not None and cost.memory_need_mb > free:
-            # Something outside RoleMesh holds this memory; loading would fail.
-            return verdict(Reason.NOT_ENOUGH_FREE_MEMORY)
-        return verdict(Reason.FITS_EMPTY_DEVICE,
-                       recently_failed=device.slot_state is SlotState.FAILED)
-    lose = eviction_cost(device, holders)
-    if device.queue == 0:
-        return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=lose, evicts=device.loaded_model)
-    return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=lose, evicts=device.loaded_model)
+
+    rooms = {d.device_id: Room(d.memory_total_mb, margin, d.memory_free_mb) for d in group}
+    residents = _residents(group, holders)
+    target = Target(model_id, need, exclusive=cost.exclusive or not first.co_residency)
+    held = {d.device_id: d.held for d in group if d.held is not None}
+    room = make_room(target, rooms, residents.values(), first.sets, held)
+    if isinstance(room, NoRoom):
+        if held and any(model_id not in h for h in held.values()):
+            return verdict(Reason.HELD_FOR_SET, note=room.why)
+        if not residents:
+            return verdict(Reason.NOT_ENOUGH_FREE_MEMORY, note=room.why)
+        return verdict(Reason.NO_ROOM, note=room.why)
+    evicts = tuple(sorted({residents[k].model_id for k in room.evict}))
+    if room.waits_for_busy or (room.waits_for_leaving and not room.evict):
+        return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=room.cost, evicts=evicts)
+    if room.evict:
+        return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=room.cost, evicts=evicts,
+                       recently_failed=_failed_here(group))
+    busy_neighbours = any(r.busy for d in group for r in d.residents)
+    reason = Reason.FITS_BESIDE if residents else Reason.FITS_EMPTY_DEVICE
+    return verdict(reason, recently_failed=_failed_here(group),
+                   busy_neighbours=busy_neighbours)
+
+
+def _failed_here(group: Sequence[DeviceView]) -> bool:
+    return any(r.state is InstanceState.FAILED for d in group for r in d.residents) or any(
+        d.failed for d in group)
+
+
+def _residents(group: Sequence[DeviceView], holders: Mapping[str, int]) -> dict[str, Resident]:
+    """The instances on a placement's devices, a group's instance once with its shares."""
+    out: dict[str, Resident] = {}
+    charged: dict[str, dict[str, int]] = {}
+    for d in group:
+        for r in d.residents:
+            if r.state is InstanceState.FAILED or r.state is InstanceState.EMPTY:
+                continue
+            key = f"{r.model_id}@{placement_id(r.devices or (d.device_id,))}"
+            charged.setdefault(key, {})[d.device_id] = r.charged_mb
+            if key not in out:
+                out[key] = Resident(key, r.model_id, {}, busy=r.busy > 0 or
+                                    r.state is InstanceState.STARTING, pinned=r.pinned,
+                                    exclusive=r.exclusive,
+                                    cost=losing_cost(d, r.model_id, holders),
+                                    leaving=r.state in _LEAVING_STATES)
+    return {k: Resident(v.key, v.model_id, charged[k], busy=v.busy, pinned=v.pinned,
+                        exclusive=v.exclusive, cost=v.cost, leaving=v.leaving)
+            for k, v in out.items()}
 
 
 def _with_chosen(v: Verdict) -> Verdict:

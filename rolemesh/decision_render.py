@@ -13,7 +13,8 @@ def render_verdict(v: Verdict) -> dict[str, Any]:
         "chosen": v.chosen, "reason": v.reason.value, "queue": v.queue,
         "memory_need_mb": v.memory_need_mb, "memory_total_mb": v.memory_total_mb,
         "memory_free_mb": v.memory_free_mb, "eviction_cost": v.eviction_cost,
-        "evicts": v.evicts, "recently_failed": v.recently_failed,
+        "evicts": list(v.evicts), "recently_failed": v.recently_failed,
+        "busy_neighbours": v.busy_neighbours, "note": v.note,
     }
 
 

@@ -118,3 +118,21 @@ class GatewayTimeout(RoleMeshError):
     status = 504
     code = "upstream_timeout"
     type = "server_error"
+
+
+class QueueTimeout(RoleMeshError):
+    """A request waited its whole queue timeout for a turn: distinct from a full queue."""
+
+    status = 504
+    code = "queue_timeout"
+    type = "server_error"
+
+
+class NodeDraining(Unavailable):
+    code = "node_draining"
+
+
+class Conflict(RoleMeshError):
+    status = 409
+    code = "conflict"
+    type = "invalid_request_error"

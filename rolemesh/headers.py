@@ -8,8 +8,8 @@ MODEL = "X-RoleMesh-Model"
 
 # Agent -> dispatcher, on every response: the device's state right after the request.
 NODE = "X-RoleMesh-Node"
-SLOT_STATE = "X-RoleMesh-Slot-State"
-LOADED_MODEL = "X-RoleMesh-Loaded-Model"
+# The device's instances: "model=state" pairs, comma-separated ("chat=ready,think=starting").
+RESIDENTS = "X-RoleMesh-Residents"
 IN_FLIGHT = "X-RoleMesh-In-Flight"
 PENDING = "X-RoleMesh-Pending"
 
