@@ -466,7 +466,7 @@ class NodeScheduler:
                     want.future.set_result(inst)
         if inst.state is S.FAILED:
             self._failed(inst, now)
-        if inst.state is S.EMPTY and self.instances.get(inst.key) is inst:
+        if inst.state in (S.EMPTY, S.FAILED) and self.instances.get(inst.key) is inst:
             del self.instances[inst.key]
             if inst.stopped_for is not None:
                 reason, detail = inst.stopped_for
