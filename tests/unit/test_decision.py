@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rolemesh.api import SlotState
+from rolemesh.api import InstanceState
 from rolemesh.decision import (
     Action,
     Decision,
@@ -23,10 +23,12 @@ from rolemesh.decision import (
     Outcome,
     Policy,
     Reason,
+    ResidentView,
     Verdict,
     choose,
-    eviction_cost,
     fits_device,
+    holders_of,
+    losing_cost,
 )
 
 # Three models a node can serve: memory need (MB) and load time (s).
@@ -36,25 +38,40 @@ MODELS: dict[str, ModelCost] = {
     "large": ModelCost(memory_need_mb=20_000, load_s=40.0),
 }
 UNSET = object()
+S = InstanceState
 
 
 def dev(device_id: str = "gpu:0", *, node: str = "a", total: int | None = 24_000,
-        free: int | object | None = UNSET, loaded: str | None = None,
-        state: SlotState | None = None, in_flight: int = 0, pending: int = 0,
-        limit: int = 2, up: bool = True, recent: Mapping[str, int] | None = None,
-        serves: Sequence[str] = tuple(MODELS)) -> DeviceView:
-    """A device; by default its free memory is its total less what the loaded model holds."""
-    if state is None:
-        state = SlotState.READY if loaded else SlotState.EMPTY
+        free: int | object | None = UNSET, loaded: str | Sequence[str] | None = None,
+        state: InstanceState = S.READY, busy: Mapping[str, int] | None = None,
+        in_flight: int = 0, pending: int = 0, limit: int = 2, up: bool = True,
+        recent: Mapping[str, int] | None = None, serves: Sequence[str] = tuple(MODELS),
+        co: bool = True, pinned: Sequence[str] = (), failed: Mapping[str, float] | None = None,
+        held: frozenset[str] | None = None, sets: Mapping[str, frozenset[str]] | None = None,
+        draining: bool = False) -> DeviceView:
+    """A device holding `loaded` (one model id or several), each charged its full need.
+
+    By default its free memory is its total less what the residents hold, and one resident
+    is busy with the device's whole queue (in flight + pending); `busy` says otherwise.
+    `co=False` is a node configured with `co_residency: false` (one model at a time).
+    """
+    names = [loaded] if isinstance(loaded, str) else list(loaded or ())
+    if busy is None:
+        busy = {names[0]: in_flight + pending} if len(names) == 1 else {}
+    residents = tuple(ResidentView(m, state, busy=busy.get(m, 0),
+                                   charged_mb=MODELS[m].memory_need_mb, pinned=m in pinned)
+                      for m in names)
     if free is UNSET:
-        held = MODELS[loaded].memory_need_mb if loaded else 0
-        free = None if total is None else total - held
+        held_mb = sum(MODELS[m].memory_need_mb for m in names
+                      if state not in (S.FAILED, S.EMPTY))
+        free = None if total is None else total - held_mb
     assert free is None or isinstance(free, int)
     return DeviceView(node_id=node, device_id=device_id,
                       servable={m: MODELS[m] for m in serves}, memory_total_mb=total,
-                      memory_free_mb=free, loaded_model=loaded, slot_state=state,
-                      in_flight=in_flight, pending=pending, pending_limit=limit, up=up,
-                      recent_requests=dict(recent or {}))
+                      memory_free_mb=free, residents=residents, in_flight=in_flight,
+                      pending=pending, pending_limit=limit, up=up,
+                      recent_requests=dict(recent or {}), held=held, sets=dict(sets or {}),
+                      failed=dict(failed or {}), draining=draining, co_residency=co)
 
 
 def where(decision: Decision) -> tuple[str, str, str, Action] | None:
@@ -87,22 +104,24 @@ def win(models: str | tuple[str, ...], devices: Sequence[DeviceView], winner: st
     return Win(names, tuple(devices), (node, device, model, action), policy or Policy())
 
 
-USE, LOAD, EVICT, SWITCH = (Action.USE_LOADED, Action.LOAD_ON_EMPTY, Action.EVICT,
-                            Action.SWITCH_AFTER_QUEUE)
+USE, LOAD, BESIDE, EVICT, SWITCH = (Action.USE_LOADED, Action.LOAD_ON_EMPTY,
+                                    Action.LOAD_BESIDE, Action.EVICT, Action.SWITCH_AFTER_QUEUE)
 
 WINS: dict[str, Win] = {
-    "a healthy empty device goes before a failed one with more free memory": win(
-        "small", [dev("gpu:0", state=SlotState.FAILED, total=48_000), dev("gpu:1")],
+    "a healthy empty device goes before one where a load failed, with more free memory": win(
+        "small", [dev("gpu:0", failed={"mid": 3.0}, total=48_000), dev("gpu:1")],
         "a/gpu:1 small", LOAD),
-    "a failed empty device is still used when no healthy empty device fits": win(
-        "small", [dev("gpu:0", state=SlotState.FAILED), dev("gpu:1", loaded="mid")],
+    "a device where a load failed is still used when no healthy device fits": win(
+        "small", [dev("gpu:0", failed={"mid": 3.0}), dev("gpu:1", loaded="large")],
         "a/gpu:0 small", LOAD),
     # -- rule 3: the model is already loaded ------------------------------------------------
     "a device with the model loaded wins over an empty device": win(
         "small", [dev("gpu:0"), dev("gpu:1", loaded="small")], "a/gpu:1 small", USE),
-    "a device with the model loaded wins over evicting an idle model": win(
+    "a device with the model loaded wins over loading it beside another model": win(
         "small", [dev("gpu:0", loaded="mid"), dev("gpu:1", loaded="small")],
         "a/gpu:1 small", USE),
+    "a device with the model loaded among others wins": win(
+        "small", [dev("gpu:0"), dev("gpu:1", loaded=("mid", "small"))], "a/gpu:1 small", USE),
     "a loaded device with a queue still wins over an empty device": win(
         "small", [dev("gpu:0"), dev("gpu:1", loaded="small", in_flight=1, pending=2, limit=4)],
         "a/gpu:1 small", USE),
@@ -121,14 +140,17 @@ WINS: dict[str, Win] = {
     "between identical loaded devices the lowest node and device id wins": win(
         "small", [dev("gpu:1", node="b", loaded="small"), dev("gpu:1", loaded="small"),
                   dev("gpu:0", node="b", loaded="small")], "a/gpu:1 small", USE),
-    "a starting slot with the model counts as loaded": win(
-        "small", [dev("gpu:0"), dev("gpu:1", loaded="small", state=SlotState.STARTING,
+    "a starting instance of the model counts as loaded": win(
+        "small", [dev("gpu:0"), dev("gpu:1", loaded="small", state=S.STARTING,
                                     pending=1, limit=4)], "a/gpu:1 small", USE),
-    "a draining slot with the model does not count as loaded": win(
-        "small", [dev("gpu:0", loaded="small", state=SlotState.DRAINING), dev("gpu:1")],
+    "a draining instance of the model does not count as loaded": win(
+        "small", [dev("gpu:0", loaded="small", state=S.DRAINING), dev("gpu:1")],
         "a/gpu:1 small", LOAD),
-    "a failed slot with the model does not count as loaded": win(
-        "small", [dev("gpu:0", loaded="small", state=SlotState.FAILED), dev("gpu:1")],
+    "a stopping instance of the model does not count as loaded": win(
+        "small", [dev("gpu:0", loaded="small", state=S.STOPPING), dev("gpu:1")],
+        "a/gpu:1 small", LOAD),
+    "a failed instance of the model does not count as loaded": win(
+        "small", [dev("gpu:0", loaded="small", state=S.FAILED), dev("gpu:1")],
         "a/gpu:1 small", LOAD),
     "a loaded device at its pending limit is passed over for an empty one": win(
         "small", [dev("gpu:0", loaded="small", in_flight=1, pending=1), dev("gpu:1")],
@@ -136,24 +158,44 @@ WINS: dict[str, Win] = {
     "a loaded device on a down node is passed over for an empty one": win(
         "small", [dev("gpu:0", loaded="small", up=False), dev("gpu:0", node="b")],
         "b/gpu:0 small", LOAD),
-    # -- rule 4: an empty device -----------------------------------------------------------
-    "the empty device with the most free memory wins": win(
+    "a loaded device on a draining node is passed over for an empty one": win(
+        "small", [dev("gpu:0", loaded="small", draining=True), dev("gpu:0", node="b")],
+        "b/gpu:0 small", LOAD),
+    "a loaded device where the model is backing off is passed over": win(
+        "small", [dev("gpu:0", loaded="small", failed={"small": 4.0}), dev("gpu:1")],
+        "a/gpu:1 small", LOAD),
+    # -- rule 4: room on a device (empty, or beside the residents) ---------------------------
+    "the best fit wins: least room left over, so big rooms stay free": win(
         "small", [dev("gpu:0", free=10_000), dev("gpu:1", free=20_000), dev("gpu:2", free=8_000)],
-        "a/gpu:1 small", LOAD),
-    "more free memory beats a shorter queue on empty devices": win(
-        "small", [dev("gpu:0", free=10_000), dev("gpu:1", free=20_000, pending=1, limit=4)],
-        "a/gpu:1 small", LOAD),
-    "between empty devices with equal free memory the least queue wins": win(
+        "a/gpu:2 small", LOAD),
+    "a better fit beats a shorter queue": win(
+        "small", [dev("gpu:0", free=10_000, pending=1, limit=4), dev("gpu:1", free=20_000)],
+        "a/gpu:0 small", LOAD),
+    "between equal fits the least queue wins": win(
         "small", [dev("gpu:0", pending=1, limit=4), dev("gpu:1")], "a/gpu:1 small", LOAD),
-    "an empty device with known free memory wins over one with unknown free memory": win(
-        "small", [dev("gpu:0", free=None), dev("gpu:1", free=5_000)], "a/gpu:1 small", LOAD),
-    "an empty device of unknown size is used when it is the only one": win(
-        "large", [dev("cpu", total=None, free=None)], "a/cpu large", LOAD),
-    "an empty device wins over evicting an idle model": win(
-        "small", [dev("gpu:0", loaded="mid", recent={"mid": 0}), dev("gpu:1", free=5_000)],
+    "a device with known free memory wins over one with unknown free memory": win(
+        "small", [dev("gpu:0", total=None, free=None), dev("gpu:1", free=5_000)],
         "a/gpu:1 small", LOAD),
-    "an empty device without enough free memory loses to an eviction": win(
+    "a device of unknown size is used when it is the only one": win(
+        "large", [dev("cpu", total=None, free=None)], "a/cpu large", LOAD),
+    "a model that fits beside a resident loads there without evicting it": win(
+        "small", [dev("gpu:0", loaded="mid")], "a/gpu:0 small", BESIDE),
+    "loading beside an idle model beats evicting one elsewhere": win(
+        "small", [dev("gpu:0", loaded="large"), dev("gpu:1", loaded="mid")],
+        "a/gpu:1 small", BESIDE),
+    "a device without busy neighbours goes before a better fit beside a busy model": win(
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4), dev("gpu:1")],
+        "a/gpu:1 small", LOAD),
+    "beside an idle model a better fit beats an empty device": win(
+        "small", [dev("gpu:0", loaded="mid"), dev("gpu:1")], "a/gpu:0 small", BESIDE),
+    "beside a busy model is still better than evicting an idle one": win(
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4),
+                  dev("gpu:1", loaded="large")], "a/gpu:0 small", BESIDE),
+    "an empty device with too little free memory loses to loading beside elsewhere": win(
         "mid", [dev("gpu:0", free=3_000), dev("gpu:1", loaded="small")],
+        "a/gpu:1 mid", BESIDE),
+    "an empty device without enough free memory loses to an eviction (co_residency off)": win(
+        "mid", [dev("gpu:0", free=3_000, co=False), dev("gpu:1", loaded="small", co=False)],
         "a/gpu:1 mid", EVICT),
     "a device too small for the model is passed over for a larger one": win(
         "mid", [dev("gpu:0", total=8_000), dev("gpu:1", total=12_000)],
@@ -168,65 +210,88 @@ WINS: dict[str, Win] = {
         "a/gpu:0 mid", LOAD, Policy(memory_safety_margin=0.96)),
     "a device that does not fit under the default margin is passed over": win(
         "mid", [dev("gpu:0", total=10_500), dev("gpu:1", total=24_000, loaded="small")],
-        "a/gpu:1 mid", EVICT),
-    # -- rule 5: evict an idle model -------------------------------------------------------
+        "a/gpu:1 mid", BESIDE),
+    "a device held for a set without the model is passed over": win(
+        "small", [dev("gpu:0", held=frozenset({"mid"})), dev("gpu:1", free=5_000)],
+        "a/gpu:1 small", LOAD),
+    "a device held for a set with the model takes it": win(
+        "small", [dev("gpu:0", held=frozenset({"small", "mid"}), free=5_000), dev("gpu:1")],
+        "a/gpu:0 small", LOAD),
+    # -- rule 5: evict idle instances ------------------------------------------------------
+    "without room beside, the cheapest idle instance on any device is evicted": win(
+        "mid", [dev("gpu:0", loaded=("small", "large"), recent={"small": 10, "large": 1})],
+        "a/gpu:0 mid", EVICT),
     "eviction picks the model with the fewest recent requests times load time": win(
-        "small", [dev("gpu:0", loaded="mid", recent={"mid": 10}),      # 10 x 20 s = 200
-                  dev("gpu:1", loaded="large", recent={"large": 3})],  # 3 x 40 s = 120
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 10}, co=False),      # 10 x 20 = 200
+                  dev("gpu:1", loaded="large", recent={"large": 3}, co=False)],  # 3 x 40 = 120
         "a/gpu:1 small", EVICT),
     "eviction weighs load time, not only request counts": win(
-        "small", [dev("gpu:0", loaded="mid", recent={"mid": 5}),       # 5 x 20 s = 100
-                  dev("gpu:1", loaded="large", recent={"large": 3})],  # 3 x 40 s = 120
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 5}, co=False),       # 5 x 20 = 100
+                  dev("gpu:1", loaded="large", recent={"large": 3}, co=False)],  # 3 x 40 = 120
         "a/gpu:0 small", EVICT),
     "a model with no recent requests is the cheapest to evict": win(
-        "small", [dev("gpu:0", loaded="mid", recent={"mid": 1}), dev("gpu:1", loaded="large")],
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 1}, co=False),
+                  dev("gpu:1", loaded="large", co=False)],
         "a/gpu:1 small", EVICT),
     "a model loaded on two devices costs nothing to lose": win(
-        "small", [dev("gpu:0", loaded="large", recent={"large": 1}),
-                  dev("gpu:1", loaded="mid", recent={"mid": 100}),
-                  dev("gpu:2", loaded="mid", recent={"mid": 100}, in_flight=1, limit=4)],
+        "small", [dev("gpu:0", loaded="large", recent={"large": 1}, co=False),
+                  dev("gpu:1", loaded="mid", recent={"mid": 100}, co=False),
+                  dev("gpu:2", loaded="mid", recent={"mid": 100}, in_flight=1, limit=4,
+                      co=False)],
         "a/gpu:1 small", EVICT),
     "a copy on a down node does not make a model free to lose": win(
-        "small", [dev("gpu:0", loaded="mid", recent={"mid": 100}),
-                  dev("gpu:1", loaded="large", recent={"large": 1}),
-                  dev("gpu:0", node="b", loaded="mid", up=False)],
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 100}, co=False),
+                  dev("gpu:1", loaded="large", recent={"large": 1}, co=False),
+                  dev("gpu:0", node="b", loaded="mid", up=False, co=False)],
         "a/gpu:1 small", EVICT),
     "a draining copy does not make a model free to lose": win(
-        "small", [dev("gpu:0", loaded="mid", recent={"mid": 100}),
-                  dev("gpu:1", loaded="large", recent={"large": 1}),
-                  dev("gpu:2", loaded="mid", state=SlotState.DRAINING, free=0)],
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 100}, co=False),
+                  dev("gpu:1", loaded="large", recent={"large": 1}, co=False),
+                  dev("gpu:2", loaded="mid", state=S.DRAINING, free=0, co=False)],
         "a/gpu:1 small", EVICT),
-    "between equally cheap evictions the larger device wins": win(
-        "small", [dev("gpu:0", loaded="mid", total=16_000), dev("gpu:1", loaded="mid")],
-        "a/gpu:1 small", EVICT),
+    "between equally cheap evictions the best fit wins": win(
+        "small", [dev("gpu:0", loaded="mid", total=16_000, co=False),
+                  dev("gpu:1", loaded="mid", co=False)],
+        "a/gpu:0 small", EVICT),
     "between identical evictions the lowest device id wins": win(
-        "small", [dev("gpu:1", loaded="mid"), dev("gpu:0", loaded="large")],
+        "small", [dev("gpu:1", loaded="mid", co=False), dev("gpu:0", loaded="mid", co=False)],
         "a/gpu:0 small", EVICT),
     "a busy model is never evicted while an idle one can be, however costly": win(
-        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4),
-                  dev("gpu:1", loaded="large", recent={"large": 1_000})],
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4, co=False),
+                  dev("gpu:1", loaded="large", recent={"large": 1_000}, co=False)],
         "a/gpu:1 small", EVICT),
-    "a starting model with no queue is idle and can be evicted": win(
-        "small", [dev("gpu:0", loaded="mid", state=SlotState.STARTING)],
-        "a/gpu:0 small", EVICT),
-    # -- rule 6: queue behind a busy device and switch after -----------------------------
+    "a busy neighbour is left alone while an idle one beside it is evicted": win(
+        "large", [dev("gpu:0", total=30_000, loaded=("small", "mid"), busy={"small": 1},
+                      in_flight=1, limit=4, recent={"mid": 50})],
+        "a/gpu:0 large", EVICT),
+    "a pinned model is never evicted: the device without one is used": win(
+        "large", [dev("gpu:0", loaded="mid", pinned=["mid"]),
+                  dev("gpu:1", loaded="mid", recent={"mid": 1_000})],
+        "a/gpu:1 large", EVICT),
+    # -- rule 6: queue behind busy instances and switch after ------------------------------
+    "a starting model with no queue is still loading: the switch waits for it": win(
+        "small", [dev("gpu:0", loaded="mid", state=S.STARTING, co=False)],
+        "a/gpu:0 small", SWITCH),
     "with every device busy the request queues on the one with the least queue": win(
-        "small", [dev("gpu:0", loaded="mid", in_flight=1, pending=1, limit=4),
-                  dev("gpu:1", loaded="large", in_flight=1, limit=4)],
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, pending=1, limit=4, co=False),
+                  dev("gpu:1", loaded="large", in_flight=1, limit=4, co=False)],
         "a/gpu:1 small", SWITCH),
     "with equal queues the switch goes where the loaded model is cheaper to lose": win(
-        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4, recent={"mid": 10}),
-                  dev("gpu:1", loaded="large", in_flight=1, limit=4, recent={"large": 1})],
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4, recent={"mid": 10}, co=False),
+                  dev("gpu:1", loaded="large", in_flight=1, limit=4, recent={"large": 1},
+                      co=False)],
         "a/gpu:1 small", SWITCH),
-    "a switch is only chosen when no empty device or idle model is left": win(
-        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4),
-                  dev("gpu:1", loaded="large", in_flight=1, limit=4),
-                  dev("gpu:2", free=5_000)],
+    "a switch is only chosen when no free room or idle model is left": win(
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4, co=False),
+                  dev("gpu:1", loaded="large", in_flight=1, limit=4, co=False),
+                  dev("gpu:2", free=5_000, co=False)],
         "a/gpu:2 small", LOAD),
     "a busy device at its pending limit gets no switch": win(
-        "small", [dev("gpu:0", loaded="mid", in_flight=1, pending=1),
-                  dev("gpu:1", loaded="large", in_flight=1, pending=2, limit=4)],
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, pending=1, co=False),
+                  dev("gpu:1", loaded="large", in_flight=1, pending=2, limit=4, co=False)],
         "a/gpu:1 small", SWITCH),
+    "with co-residency a busy resident is waited for only when nothing fits beside it": win(
+        "mid", [dev("gpu:0", loaded="large", in_flight=1, limit=4)], "a/gpu:0 mid", SWITCH),
     # -- roles: several candidate models --------------------------------------------------
     "a role uses whichever of its models is already loaded": win(
         ("small", "mid"), [dev("gpu:0", loaded="mid"), dev("gpu:1")],
@@ -239,12 +304,12 @@ WINS: dict[str, Win] = {
                            dev("gpu:1", loaded="mid")], "a/gpu:1 mid", USE),
     "a role loads the model that fits when its other model fits nowhere": win(
         ("large", "small"), [dev("gpu:0", total=12_000)], "a/gpu:0 small", LOAD),
-    "a role's models tied on one empty device are broken by model id": win(
+    "a role's models on one empty device: the best fit (the bigger model) loads": win(
         ("small", "mid"), [dev("gpu:0")], "a/gpu:0 mid", LOAD),
-    "a role spans nodes that serve different models of it": win(
+    "a role spans nodes that serve different models of it: the best fit wins": win(
         ("small", "mid"), [dev("gpu:0", serves=["small"], free=6_000),
                            dev("gpu:0", node="b", serves=["mid"], free=20_000)],
-        "b/gpu:0 mid", LOAD),
+        "a/gpu:0 small", LOAD),
     "a repeated model id counts once": win(
         ("small", "small"), [dev("gpu:0", loaded="small")], "a/gpu:0 small", USE),
 }
@@ -302,20 +367,39 @@ REASONS: dict[str, tuple[DeviceView, Reason] | tuple[DeviceView, Reason, Policy]
         (dev(loaded="small", in_flight=2), Reason.AT_PENDING_LIMIT),
     "one below the pending limit is still a candidate":
         (dev(loaded="small", in_flight=1), Reason.MODEL_LOADED),
-    "a ready slot with the model is model_loaded": (dev(loaded="small"), Reason.MODEL_LOADED),
-    "a starting slot with the model is model_loaded":
-        (dev(loaded="small", state=SlotState.STARTING), Reason.MODEL_LOADED),
-    "a draining slot is mid-switch: usable only after it":
-        (dev(loaded="small", state=SlotState.DRAINING), Reason.SWITCH_AFTER_QUEUE),
-    "a draining slot is mid-switch whatever its free memory":
-        (dev(loaded="small", state=SlotState.DRAINING, free=1_000), Reason.SWITCH_AFTER_QUEUE),
-    "a stopping slot is mid-switch: usable only after it":
-        (dev(loaded="small", state=SlotState.STOPPING, free=24_000),
+    "a ready instance of the model is model_loaded": (dev(loaded="small"), Reason.MODEL_LOADED),
+    "a ready instance among others is model_loaded":
+        (dev(loaded=("mid", "small")), Reason.MODEL_LOADED),
+    "a starting instance of the model is model_loaded":
+        (dev(loaded="small", state=S.STARTING), Reason.MODEL_LOADED),
+    "a draining instance of the model: a new one only after it":
+        (dev(loaded="small", state=S.DRAINING), Reason.SWITCH_AFTER_QUEUE),
+    "a draining instance of the model: only after it, whatever the free memory":
+        (dev(loaded="small", state=S.DRAINING, free=1_000), Reason.SWITCH_AFTER_QUEUE),
+    "a stopping instance of the model: a new one only after it":
+        (dev(loaded="small", state=S.STOPPING, free=24_000),
          Reason.SWITCH_AFTER_QUEUE),
-    "a failed slot with the model is treated as empty":
-        (dev(loaded="small", state=SlotState.FAILED, free=24_000), Reason.FITS_EMPTY_DEVICE),
-    "a ready slot claiming no model is treated as empty":
-        (dev(state=SlotState.READY), Reason.FITS_EMPTY_DEVICE),
+    "a failed instance of the model is treated as gone":
+        (dev(loaded="small", state=S.FAILED, free=24_000), Reason.FITS_EMPTY_DEVICE),
+    "a draining node is node_draining, even with the model loaded":
+        (dev(loaded="small", draining=True), Reason.NODE_DRAINING),
+    "a model backing off after a failed load is recently_failed":
+        (dev(failed={"small": 2.0}), Reason.RECENTLY_FAILED),
+    "another model's failure does not exclude the device":
+        (dev(failed={"mid": 2.0}), Reason.FITS_EMPTY_DEVICE),
+    "a device held for a set without the model is held_for_set":
+        (dev(held=frozenset({"mid"})), Reason.HELD_FOR_SET),
+    "a device held for a set with the model is a candidate":
+        (dev(held=frozenset({"small"})), Reason.FITS_EMPTY_DEVICE),
+    "with declared sets, a model in no set shared with the residents evicts them":
+        (dev(loaded="mid", sets={"s": frozenset({"mid", "large"})}),
+         Reason.EVICT_IDLE_MODEL),
+    "with declared sets, a model in the residents' set loads beside them":
+        (dev(loaded="mid", sets={"s": frozenset({"mid", "small"})}), Reason.FITS_BESIDE),
+    "only a pinned model could make room: no_room":
+        (dev(loaded="large", pinned=["large"]), Reason.NO_ROOM),
+    "a pinned model with room beside it stays and the model loads beside":
+        (dev(loaded="mid", pinned=["mid"]), Reason.FITS_BESIDE),
     "an empty device with enough free memory is fits_empty_device":
         (dev(), Reason.FITS_EMPTY_DEVICE),
     "free memory exactly equal to the need is enough":
@@ -324,16 +408,24 @@ REASONS: dict[str, tuple[DeviceView, Reason] | tuple[DeviceView, Reason, Policy]
         (dev(free=3_999), Reason.NOT_ENOUGH_FREE_MEMORY),
     "unknown free memory on an empty device is treated as fitting":
         (dev(free=None), Reason.FITS_EMPTY_DEVICE),
-    "free memory is not checked when another model would be evicted":
+    "free memory counts what an evicted model gives back":
         (dev(loaded="mid", free=0), Reason.EVICT_IDLE_MODEL),
-    "another model loaded and idle is evict_idle_model":
-        (dev(loaded="mid"), Reason.EVICT_IDLE_MODEL),
-    "another model starting with no queue is evict_idle_model":
-        (dev(loaded="mid", state=SlotState.STARTING), Reason.EVICT_IDLE_MODEL),
-    "another model with a request in flight is switch_after_queue":
-        (dev(loaded="mid", in_flight=1), Reason.SWITCH_AFTER_QUEUE),
-    "another model with a request waiting is switch_after_queue":
-        (dev(loaded="mid", pending=1), Reason.SWITCH_AFTER_QUEUE),
+    "another model loaded with room beside it is fits_beside":
+        (dev(loaded="mid"), Reason.FITS_BESIDE),
+    "another model with room beside it but co_residency off is evict_idle_model":
+        (dev(loaded="mid", co=False), Reason.EVICT_IDLE_MODEL),
+    "another model loaded and idle, no room beside it, is evict_idle_model":
+        (dev(loaded="large"), Reason.EVICT_IDLE_MODEL),
+    "another model starting with room beside it is fits_beside":
+        (dev(loaded="mid", state=S.STARTING), Reason.FITS_BESIDE),
+    "another model starting without room beside it is switch_after_queue":
+        (dev(loaded="large", state=S.STARTING), Reason.SWITCH_AFTER_QUEUE),
+    "another model with a request in flight and no room beside is switch_after_queue":
+        (dev(loaded="large", in_flight=1), Reason.SWITCH_AFTER_QUEUE),
+    "another model with a request waiting and no room beside is switch_after_queue":
+        (dev(loaded="large", pending=1), Reason.SWITCH_AFTER_QUEUE),
+    "a busy model with room beside it is fits_beside: it keeps serving":
+        (dev(loaded="mid", in_flight=1), Reason.FITS_BESIDE),
 }
 
 
@@ -348,45 +440,68 @@ def test_reason_for_one_device(case: tuple[DeviceView, Reason] | tuple[DeviceVie
 
 
 def test_a_verdict_carries_the_numbers_it_was_judged_on() -> None:
-    device = dev("gpu:3", node="n", loaded="mid", free=14_000, in_flight=1, pending=2, limit=5,
-                 recent={"mid": 7})
+    device = dev("gpu:3", node="n", loaded="large", free=3_000, in_flight=1, pending=2,
+                 limit=5, recent={"large": 7})
     (v,) = choose(["small"], [device]).verdicts
+    # Room left: min(24,000 x 0.9 - 20,000 charged, 3,000 reported free) = 1,600 MB.
     assert v == Verdict(node_id="n", device_id="gpu:3", model_id="small",
                         reason=Reason.SWITCH_AFTER_QUEUE, chosen=True, queue=3,
-                        memory_need_mb=4_000, memory_total_mb=24_000, memory_free_mb=14_000,
-                        eviction_cost=140.0, evicts="mid")
+                        memory_need_mb=4_000, memory_total_mb=24_000, memory_free_mb=1_600,
+                        eviction_cost=280.0, evicts=("large",))
+
+
+def test_a_verdict_beside_busy_residents_says_so() -> None:
+    (v,) = choose(["small"], [dev("gpu:0", loaded="mid", in_flight=1)]).verdicts
+    assert (v.reason, v.busy_neighbours, v.memory_free_mb) == (Reason.FITS_BESIDE, True, 11_600)
 
 
 def test_an_eviction_verdict_names_the_model_it_evicts_and_its_cost() -> None:
     decision = choose(["small"], [dev("gpu:0", loaded="large", recent={"large": 2})])
     assert decision.action == Action.EVICT
     assert decision.winner is not None
-    assert (decision.winner.evicts, decision.winner.eviction_cost) == ("large", 80.0)
+    assert (decision.winner.evicts, decision.winner.eviction_cost) == (("large",), 80.0)
+
+
+def test_an_eviction_names_every_model_of_the_cheapest_set() -> None:
+    device = dev("gpu:0", loaded=("small", "mid"),
+                 recent={"small": 1, "mid": 1})  # 21,600 usable: large needs both gone
+    decision = choose(["large"], [device])
+    assert decision.action == Action.EVICT and decision.winner is not None
+    assert (decision.winner.evicts, decision.winner.eviction_cost) == (("mid", "small"), 25.0)
+    assert decision.explain() == ("large on a/gpu:0: evict (evict_idle_model, stopping mid, "
+                                  "small)")
 
 
 def test_verdicts_that_evict_nothing_carry_no_eviction_figures() -> None:
     decision = choose(["small"], [dev("gpu:0"), dev("gpu:1", loaded="small"),
                                   dev("gpu:2", up=False)])
-    assert {(v.evicts, v.eviction_cost) for v in decision.verdicts} == {(None, None)}
+    assert {(v.evicts, v.eviction_cost) for v in decision.verdicts} == {((), None)}
 
 
 # -- eviction cost and fit, on their own --------------------------------------------------
 
-@pytest.mark.parametrize(("device", "holders", "cost"), [
-    (dev(loaded="mid", recent={"mid": 3}), {"mid": 1}, 60.0),
-    (dev(loaded="mid", recent={"mid": 3}), {"mid": 2}, 0.0),
-    (dev(loaded="mid"), {"mid": 1}, 0.0),
-    (dev(), {}, 0.0),
-    (dev(loaded="large", recent={"large": 1}, serves=["small"]), {"large": 1}, 1.0),
+@pytest.mark.parametrize(("device", "model", "holders", "cost"), [
+    (dev(loaded="mid", recent={"mid": 3}), "mid", {"mid": 1}, 60.0),
+    (dev(loaded="mid", recent={"mid": 3}), "mid", {"mid": 2}, 0.0),
+    (dev(loaded="mid"), "mid", {"mid": 1}, 0.0),
+    (dev(loaded=("mid", "small"), recent={"mid": 3, "small": 2}), "small", {"small": 1}, 10.0),
+    (dev(loaded="large", recent={"large": 1}, serves=["small"]), "large", {"large": 1}, 1.0),
 ], ids=[
     "recent requests times load time",
     "nothing when another device holds the model too",
     "nothing when the model had no recent requests",
-    "nothing when no model is loaded",
+    "each resident costs its own requests and load time",
     "a load time of one second when the node does not list the model",
 ])
-def test_eviction_cost(device: DeviceView, holders: dict[str, int], cost: float) -> None:
-    assert eviction_cost(device, holders) == cost
+def test_losing_cost(device: DeviceView, model: str, holders: dict[str, int],
+                     cost: float) -> None:
+    assert losing_cost(device, model, holders) == cost
+
+
+def test_holders_count_up_placements_that_hold_a_model() -> None:
+    devices = [dev("gpu:0", loaded=("mid", "small")), dev("gpu:1", loaded="mid"),
+               dev("gpu:2", loaded="mid", state=S.DRAINING), dev("gpu:3", loaded="mid", up=False)]
+    assert holders_of(devices) == {"mid": 2, "small": 1}
 
 
 @pytest.mark.parametrize(("need", "total", "margin", "fits"), [
@@ -499,19 +614,22 @@ def test_the_default_policy_retries_busy_after_one_second() -> None:
 @pytest.mark.parametrize(("devices", "explain"), [
     ([dev("gpu:1", node="n", loaded="small")], "small on n/gpu:1: use_loaded (model_loaded)"),
     ([dev("gpu:0")], "small on a/gpu:0: load_on_empty (fits_empty_device)"),
-    ([dev("gpu:0", loaded="mid")], "small on a/gpu:0: evict (evict_idle_model)"),
-    ([dev("gpu:0", loaded="mid", in_flight=1)],
-     "small on a/gpu:0: switch_after_queue (switch_after_queue)"),
-], ids=["use the loaded model", "load on an empty device", "evict an idle model",
-        "switch after the queue"])
+    ([dev("gpu:0", loaded="mid")], "small on a/gpu:0: load_beside (fits_beside)"),
+    ([dev("gpu:0", loaded="large")],
+     "small on a/gpu:0: evict (evict_idle_model, stopping large)"),
+    ([dev("gpu:0", loaded="large", in_flight=1)],
+     "small on a/gpu:0: switch_after_queue (switch_after_queue, stopping large)"),
+], ids=["use the loaded model", "load on an empty device", "load beside a resident",
+        "evict an idle model", "switch after the queue"])
 def test_explain_a_routed_decision(devices: list[DeviceView], explain: str) -> None:
     assert choose(["small"], devices).explain() == explain
 
 
 # -- properties over random clusters ----------------------------------------------------------
 
-ELIGIBLE = {Reason.MODEL_LOADED, Reason.FITS_EMPTY_DEVICE, Reason.EVICT_IDLE_MODEL,
-            Reason.SWITCH_AFTER_QUEUE}
+ELIGIBLE = {Reason.MODEL_LOADED, Reason.FITS_EMPTY_DEVICE, Reason.FITS_BESIDE,
+            Reason.EVICT_IDLE_MODEL, Reason.SWITCH_AFTER_QUEUE}
+STATES = [S.READY, S.READY, S.STARTING, S.DRAINING, S.STOPPING, S.FAILED]
 
 
 def random_cluster(rng: random.Random) -> tuple[list[str], list[DeviceView], Policy]:
@@ -519,31 +637,42 @@ def random_cluster(rng: random.Random) -> tuple[list[str], list[DeviceView], Pol
     devices = []
     for node in rng.sample(["a", "b", "c"], rng.randint(1, 3)):
         up = rng.random() > 0.15
+        draining = rng.random() < 0.1
+        co = rng.random() > 0.2
         serves = rng.sample(names, rng.randint(1, 3))
+        sets = rng.choice([{}, {}, {"s": frozenset(rng.sample(names, 2))}])
         for i in range(rng.randint(1, 3)):
             total = rng.choice([None, 8_000, 12_000, 16_000, 24_000, 48_000])
-            loaded = rng.choice([None, None, *names])
-            state = (rng.choice(list(SlotState)) if loaded else
-                     rng.choice([SlotState.EMPTY, SlotState.EMPTY, SlotState.FAILED]))
+            loaded = rng.sample(names, rng.choice([0, 0, 1, 1, 2, 3]))
+            residents = tuple(ResidentView(
+                m, rng.choice(STATES), busy=rng.choice([0, 0, 1, 2]),
+                charged_mb=MODELS[m].memory_need_mb, pinned=rng.random() < 0.15)
+                for m in loaded)
+            charged = sum(r.charged_mb for r in residents)
             free = None if total is None else rng.choice(
-                [total, total // 2, 0, total - MODELS[loaded].memory_need_mb if loaded else total])
-            limit = rng.randint(1, 4)
+                [total, total // 2, 0, max(0, total - charged)])
+            failed = {m: 1.5 for m in names if rng.random() < 0.08}
+            held = frozenset(rng.sample(names, 2)) if rng.random() < 0.1 else None
             devices.append(DeviceView(
                 node_id=node, device_id=f"gpu:{i}", servable={m: MODELS[m] for m in serves},
-                memory_total_mb=total, memory_free_mb=free, loaded_model=loaded,
-                slot_state=state, in_flight=rng.randint(0, 2), pending=rng.randint(0, 2),
-                pending_limit=limit, up=up,
-                recent_requests={m: rng.randint(0, 5) for m in names}))
+                memory_total_mb=total, memory_free_mb=free, residents=residents,
+                in_flight=rng.randint(0, 2), pending=rng.randint(0, 2),
+                pending_limit=rng.randint(1, 4), up=up,
+                recent_requests={m: rng.randint(0, 5) for m in names}, held=held, sets=sets,
+                failed=failed, draining=draining, co_residency=co))
     wanted = rng.sample(names, rng.randint(1, 2))
     policy = Policy(memory_safety_margin=rng.choice([0.8, 0.9, 1.0]))
     return wanted, devices, policy
 
 
 def eligible_holder(device: DeviceView, wanted: Sequence[str], policy: Policy) -> bool:
-    model = device.loaded_model
-    return (device.up and device.holds_model and model in wanted and model in device.servable
-            and device.queue < device.pending_limit
-            and fits_device(device.servable[model], device, policy))
+    return any(
+        device.up and not device.draining and r.holds and r.model_id in wanted
+        and r.model_id in device.servable and r.model_id not in device.failed
+        and (device.held is None or r.model_id in device.held)
+        and device.queue < device.pending_limit
+        and fits_device(device.servable[r.model_id], device, policy)
+        for r in device.residents)
 
 
 def test_invariants_hold_over_random_clusters() -> None:
@@ -566,18 +695,27 @@ def test_invariants_hold_over_random_clusters() -> None:
         w = decision.winner
         device = by_key[(w.node_id, w.device_id)]
         assert chosen == [w]
-        assert device.up
+        assert device.up and not device.draining
         assert device.queue < device.pending_limit
+        assert w.model_id not in device.failed
+        assert device.held is None or w.model_id in device.held
         assert fits_device(device.servable[w.model_id], device, policy)
+        residents = {r.model_id: r for r in device.residents}
         if any(eligible_holder(d, wanted, policy) for d in devices):
             assert decision.action == Action.USE_LOADED
-            assert device.loaded_model == w.model_id
+            assert residents[w.model_id].holds
+        if decision.action in (Action.EVICT, Action.LOAD_BESIDE, Action.LOAD_ON_EMPTY):
+            # Nothing busy or pinned is stopped under its users.
+            assert all(not residents[m].busy and residents[m].state is not S.STARTING
+                       and not residents[m].pinned for m in w.evicts)
         if decision.action == Action.EVICT:
-            assert device.queue == 0
-            assert not any(v.reason == Reason.FITS_EMPTY_DEVICE for v in decision.verdicts)
-        if decision.action == Action.SWITCH_AFTER_QUEUE:
-            assert not any(v.reason in {Reason.FITS_EMPTY_DEVICE, Reason.EVICT_IDLE_MODEL}
+            assert w.evicts
+            assert not any(v.reason in (Reason.FITS_EMPTY_DEVICE, Reason.FITS_BESIDE)
                            for v in decision.verdicts)
+        if decision.action == Action.SWITCH_AFTER_QUEUE:
+            assert not any(v.reason in {Reason.FITS_EMPTY_DEVICE, Reason.FITS_BESIDE,
+                                        Reason.EVICT_IDLE_MODEL} for v in decision.verdicts)
+        assert all(not residents[m].pinned for m in w.evicts)
         shuffled = rng.sample(devices, len(devices))
         assert where(choose(list(reversed(wanted)), shuffled, policy)) == where(decision)
     # The generator reaches every outcome and action, so the checks above are not vacuous.
