@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 import structlog
 
 from node_agent.app import build_app
-from node_agent.backends import BackendUnavailable
+from node_agent.backends import BackendUnavailable, DeviceBackend
 from node_agent.backends.select import select_backend
 from node_agent.config import NodeAgentConfig
 from node_agent.llama_binary import LlamaServerNotFound, resolve_llama_server
@@ -30,7 +31,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None,
+         backend_factory: Callable[[str], DeviceBackend] = select_backend) -> int:
+    """`backend_factory` is the backend seam: tests run a whole agent on fake GPUs."""
     args = _parse(argv)
     try:
         config = load_config_file(args.config, NodeAgentConfig)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     log = structlog.get_logger("node_agent.cli")
     try:
         binary = resolve_llama_server(config.llama_server_bin)
-        backend = select_backend(config.backend)
+        backend = backend_factory(config.backend)
     except (LlamaServerNotFound, BackendUnavailable) as exc:
         log.error("agent.cannot_start", error=str(exc))
         print(f"rolemesh-node-agent: cannot start: {exc}", file=sys.stderr)

@@ -5,6 +5,10 @@
     rolemesh models                 every role, alias and model id served now
     rolemesh route MODEL            which device a request for MODEL would go to, and why
     rolemesh check-fit FILE.gguf    a model's memory need, and which devices it fits
+    rolemesh load|unload MODEL      load a model where it fits best, or unload its copies
+    rolemesh drain|undrain NODE     stop routing to a node and unload its models, or resume
+    rolemesh mode NODE DEVICE SET   hold a device for a named set ('auto' releases it)
+    rolemesh optimize [NODE]        move pinned models back to their best device
 
 The dispatcher is at --url or $ROLEMESH_URL (default http://127.0.0.1:8080); a key, when
 the dispatcher wants one, comes from $ROLEMESH_API_KEY. --json prints the raw answer.
@@ -22,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from rolemesh import cli_lifecycle
 from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -146,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--parallel", type=int, default=1)
     f.add_argument("--margin", type=float, default=0.9)
     f.add_argument("--offline", action="store_true", help="do not ask the dispatcher")
+    cli_lifecycle.add_parsers(sub)
     return p
 
 
@@ -156,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-fit":
             nodes = None if args.offline else fetch(args.url, "/v1/nodes", key)
             print(check_fit(args.gguf, args.ctx_size, args.parallel, args.margin, nodes))
+            return 0
+        if args.command in cli_lifecycle.VERBS:
+            data, text = cli_lifecycle.run(args, key)
+            print(json.dumps(data, indent=2) if args.json else text)
             return 0
         if args.command == "status":
             data: Any = {"health": fetch(args.url, "/health", key),
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             query = urllib.parse.urlencode({"model": args.model})
             data = fetch(args.url, f"/v1/route?{query}", key)
             text = show_route(data) if not args.json else ""
-    except CliError as exc:
+    except (CliError, cli_lifecycle.LifecycleError) as exc:
         print(f"rolemesh: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else text)

@@ -84,15 +84,17 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], log_path: Path,
 
 @contextlib.contextmanager
 def start_service(kind: str, config: dict[str, Any], workdir: Path,
-                  env: dict[str, str] | None = None) -> Iterator[Service]:
-    """kind: 'node_agent' or 'dispatcher'. Yields once /health answers; stops it after."""
+                  env: dict[str, str] | None = None, module: str | None = None
+                  ) -> Iterator[Service]:
+    """kind: 'node_agent' or 'dispatcher' (run as `-m KIND.cli`, or `-m MODULE` when given).
+    Yields once /health answers; stops it after."""
     name = config.get("node_id", kind)
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / f"{name}.log"
     full_env = {**os.environ, **(env or {})}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", f"{kind}.cli", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", module or f"{kind}.cli", "--config",
                                  str(config_path)], stdout=log, stderr=subprocess.STDOUT,
                                 env=full_env)
     url = f"http://127.0.0.1:{config['listen_port']}"
