@@ -7,9 +7,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from dispatcher.auth import token_matches
 from dispatcher.forwarding import error_code, observed_state, retry_after
-from rolemesh.api import SlotState
+from rolemesh.api import InstanceState
 
 KEY = ("node-a", "gpu:0")
+S = InstanceState
 
 
 def proxy(**h: str) -> CIMultiDictProxy[str]:
@@ -17,18 +18,24 @@ def proxy(**h: str) -> CIMultiDictProxy[str]:
 
 
 def test_state_headers_of_an_agent_answer_are_read():
-    h = proxy(**{"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-Loaded-Model": "m1",
+    h = proxy(**{"X-RoleMesh-Residents": "m1=ready,m2=starting",
                  "X-RoleMesh-In-Flight": "2", "X-RoleMesh-Pending": "1"})
-    assert observed_state(h, KEY) == (SlotState.READY, "m1", 2, 1)
+    assert observed_state(h, KEY) == ((("m1", S.READY), ("m2", S.STARTING)), 2, 1)
 
 
-def test_an_empty_loaded_model_header_means_none():
-    h = proxy(**{"X-RoleMesh-Slot-State": "empty", "X-RoleMesh-Loaded-Model": ""})
-    assert observed_state(h, KEY) == (SlotState.EMPTY, None, 0, 0)
+def test_an_empty_residents_header_means_an_empty_device():
+    h = proxy(**{"X-RoleMesh-Residents": ""})
+    assert observed_state(h, KEY) == ((), 0, 0)
+
+
+def test_a_group_placement_is_matched_as_a_whole():
+    h = proxy(**{"X-RoleMesh-Residents": "big=ready", "X-RoleMesh-Device": "gpu:0+gpu:1"})
+    assert observed_state(h, ("node-a", "gpu:0+gpu:1")) == ((("big", S.READY),), 0, 0)
+    assert observed_state(h, KEY) is None
 
 
 def test_state_headers_naming_another_node_or_device_are_ignored():
-    base = {"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-Loaded-Model": "m1"}
+    base = {"X-RoleMesh-Residents": "m1=ready"}
     assert observed_state(proxy(**base, **{"X-RoleMesh-Node": "node-a",
                                            "X-RoleMesh-Device": "gpu:0"}), KEY) is not None
     assert observed_state(proxy(**base, **{"X-RoleMesh-Node": "node-b"}), KEY) is None
@@ -37,8 +44,9 @@ def test_state_headers_naming_another_node_or_device_are_ignored():
 
 @pytest.mark.parametrize("h", [
     {},
-    {"X-RoleMesh-Slot-State": "exploded"},
-    {"X-RoleMesh-Slot-State": "ready", "X-RoleMesh-In-Flight": "many"},
+    {"X-RoleMesh-Residents": "m1=exploded"},
+    {"X-RoleMesh-Residents": "m1"},
+    {"X-RoleMesh-Residents": "m1=ready", "X-RoleMesh-In-Flight": "many"},
 ])
 def test_missing_or_garbled_state_headers_are_ignored(h):
     assert observed_state(proxy(**h), KEY) is None

@@ -8,13 +8,18 @@ from dispatcher.registry import Change, Registry
 from rolemesh.api import (
     DeviceStatus,
     HeartbeatRequest,
+    InstanceState,
+    InstanceStatus,
     ModelStatus,
     NodeInventory,
     NodeState,
-    SlotState,
+    StopReason,
+    StopRecord,
 )
 from rolemesh.decision import ModelCost
 from rolemesh.errors import NodeNotFound
+
+S = InstanceState
 
 
 class Clock:
@@ -30,6 +35,13 @@ def device(device_id: str = "gpu:0", **kw: object) -> DeviceStatus:
                                  "memory_used_mb": 0, "memory_free_mb": 24000}
     fields.update(kw)
     return DeviceStatus(device_id=device_id, **fields)  # type: ignore[arg-type]
+
+
+def instance(model_id: str = "m1", state: InstanceState = S.READY, **kw: object
+             ) -> InstanceStatus:
+    fields: dict[str, object] = {"devices": ["gpu:0"], "memory_charged_mb": 5000}
+    fields.update(kw)
+    return InstanceStatus(model_id=model_id, state=state, **fields)  # type: ignore[arg-type]
 
 
 def model(model_id: str = "m1", **kw: object) -> ModelStatus:
@@ -73,12 +85,39 @@ def test_a_registered_node_is_up_with_its_devices_models_and_costs(registry):
 
 def test_a_newer_heartbeat_replaces_the_devices_and_keeps_models_when_it_has_none(registry):
     registry.register(inventory())
-    assert registry.heartbeat(beat(seq=2, devices=[device(loaded_model="m1",
-                                                          slot_state=SlotState.READY)]))
+    assert registry.heartbeat(beat(seq=2, devices=[device(instances=[
+        instance("m1"), instance("m2", S.STARTING)])]))
     snap = registry.snapshot()
-    assert snap.devices[("node-a", "gpu:0")].loaded_model == "m1"
+    assert snap.devices[("node-a", "gpu:0")].residents == (("m1", S.READY),
+                                                           ("m2", S.STARTING))
     assert snap.nodes["node-a"].seq == 2
     assert [m.model_id for m in snap.nodes["node-a"].models] == ["m1"]
+
+
+def test_a_registration_carries_the_lifecycle_of_models_sets_and_stops(registry):
+    node = registry.register(NodeInventory(
+        node_id="node-a", url="http://10.0.0.1:8081", backend="cuda",
+        devices=[device("gpu:0"), device("gpu:1")],
+        models=[model("big", devices=["gpu:0", "gpu:1"], split=[1.0, 1.5], exclusive=True),
+                model("emb", pinned=True)],
+        sets={"voice": ["m1", "emb"]}, draining=True,
+        recent_stops=[StopRecord(model_id="m1", devices=["gpu:0"], reason=StopReason.TTL,
+                                 age_s=3.0)]))
+    assert node.costs["big"] == ModelCost(5000, 5.0, devices=("gpu:0", "gpu:1"),
+                                          split=(1.0, 1.5), exclusive=True)
+    assert node.costs["emb"].pinned
+    assert node.sets == {"voice": frozenset({"m1", "emb"})}
+    assert node.draining
+    assert [s.reason for s in node.recent_stops] == [StopReason.TTL]
+
+
+def test_a_heartbeat_says_when_a_node_drains_and_undrains(registry):
+    registry.register(inventory())
+    v = registry.version
+    registry.heartbeat(beat(seq=2).model_copy(update={"draining": True}))
+    assert registry.node("node-a").draining and registry.version > v
+    registry.set_draining("node-a", False)
+    assert not registry.node("node-a").draining
 
 
 def test_a_heartbeat_with_models_replaces_them(registry):
@@ -163,51 +202,74 @@ def test_mark_down_stops_routing_until_the_next_heartbeat(registry):
 
 def test_the_own_count_rises_and_falls_and_never_goes_below_zero(registry):
     key = ("node-a", "gpu:0")
-    registry.begin(key)
-    registry.begin(key)
+    registry.begin(key, "m1")
+    registry.begin(key, "m2")
     assert registry.own_in_flight(key) == 2
-    registry.end(key)
-    registry.end(key)
-    registry.end(key)
+    assert registry.snapshot().own_by_model == {("node-a", "gpu:0", "m1"): 1,
+                                                ("node-a", "gpu:0", "m2"): 1}
+    registry.end(key, "m1")
+    registry.end(key, "m2")
+    registry.end(key, "m2")
     assert registry.own_in_flight(key) == 0
+    assert registry.snapshot().own_in_flight == {}
+    assert registry.snapshot().own_by_model == {}
+
+
+def test_a_request_to_a_group_counts_on_every_device_of_it(registry):
+    registry.begin(("node-a", "gpu:0+gpu:1"), "big")
+    assert registry.own_in_flight(("node-a", "gpu:0")) == 1
+    assert registry.own_in_flight(("node-a", "gpu:1")) == 1
+    registry.end(("node-a", "gpu:0+gpu:1"), "big")
     assert registry.snapshot().own_in_flight == {}
 
 
 def test_own_requests_survive_the_node_being_forgotten(registry, clock):
     registry.register(inventory())
-    registry.begin(("node-a", "gpu:0"))
+    registry.begin(("node-a", "gpu:0"), "m1")
     clock.now += 100
     registry.expire()
-    registry.end(("node-a", "gpu:0"))  # a long stream ending after the node went: no error
+    registry.end(("node-a", "gpu:0"), "m1")  # a long stream ending after the node went: no error
     assert registry.own_in_flight(("node-a", "gpu:0")) == 0
 
 
 def test_observed_headers_update_the_device_and_split_off_other_traffic(registry):
     registry.register(inventory())
     key = ("node-a", "gpu:0")
-    registry.begin(key)
-    registry.observe(key, SlotState.READY, "m1", in_flight=3, pending=1)
+    registry.begin(key, "m1")
+    registry.observe(key, (("m1", S.READY), ("m2", S.STARTING)), in_flight=3, pending=1)
     d = registry.snapshot().devices[key]
-    assert (d.slot_state, d.loaded_model, d.in_flight, d.pending) == (SlotState.READY, "m1", 3, 1)
+    assert (d.residents, d.in_flight, d.pending) == ((("m1", S.READY), ("m2", S.STARTING)), 3, 1)
     assert d.others == 3  # four reported, one of them ours
-    registry.observe(("node-z", "gpu:0"), SlotState.READY, "m1", 0, 0)  # unknown: ignored
+    registry.observe(("node-z", "gpu:0"), (("m1", S.READY),), 0, 0)  # unknown: ignored
 
 
 def test_a_heartbeat_splits_off_other_traffic_the_same_way(registry):
     registry.register(inventory())
     key = ("node-a", "gpu:0")
-    registry.begin(key)
-    registry.begin(key)
+    registry.begin(key, "m1")
+    registry.begin(key, "m1")
     registry.heartbeat(beat(seq=2, devices=[device(in_flight=1)]))
     assert registry.snapshot().devices[key].others == 0
+
+
+def test_a_heartbeat_splits_off_other_traffic_per_resident_model(registry):
+    registry.register(inventory())
+    key = ("node-a", "gpu:0")
+    registry.begin(key, "m1")
+    registry.heartbeat(beat(seq=2, devices=[device(in_flight=3, instances=[
+        instance("m1", in_flight=2), instance("m2", in_flight=1, queued=1)])]))
+    assert registry.snapshot().devices[key].model_others == {"m1": 1, "m2": 2}
 
 
 def test_expect_marks_the_device_as_starting_the_model_it_was_sent(registry):
     registry.register(inventory())
     key = ("node-a", "gpu:0")
     registry.expect(key, "m1")
-    d = registry.snapshot().devices[key]
-    assert (d.slot_state, d.loaded_model) == (SlotState.STARTING, "m1")
+    assert registry.snapshot().devices[key].residents == (("m1", S.STARTING),)
+    registry.expect(key, "m1")  # already expected: listed once
+    registry.expect(key, "m2")  # beside it
+    assert registry.snapshot().devices[key].residents == (("m1", S.STARTING),
+                                                          ("m2", S.STARTING))
 
 
 def test_the_version_rises_on_what_the_cluster_serves_not_on_requests_or_figures(
@@ -216,9 +278,9 @@ def test_the_version_rises_on_what_the_cluster_serves_not_on_requests_or_figures
     registry.register(inventory())
     v1 = registry.version
     assert v1 > v0
-    registry.begin(("node-a", "gpu:0"))
-    registry.observe(("node-a", "gpu:0"), SlotState.READY, "m1", 1, 0)
-    registry.end(("node-a", "gpu:0"))
+    registry.begin(("node-a", "gpu:0"), "m1")
+    registry.observe(("node-a", "gpu:0"), (("m1", S.READY),), 1, 0)
+    registry.end(("node-a", "gpu:0"), "m1")
     assert registry.version == v1
     registry.heartbeat(beat(seq=2))  # fresh figures, same devices and models
     assert registry.version == v1
