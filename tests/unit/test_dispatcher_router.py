@@ -6,7 +6,7 @@ import pytest
 
 from dispatcher.registry import Registry
 from dispatcher.router import Router
-from rolemesh.api import DeviceStatus, ModelStatus, NodeInventory, SlotState
+from rolemesh.api import DeviceStatus, InstanceState, InstanceStatus, ModelStatus, NodeInventory
 from rolemesh.decision import Action, Outcome, Policy
 from rolemesh.errors import DeviceBusy, ModelDoesNotFit, ModelNotFound, NoNodeAvailable
 
@@ -27,8 +27,13 @@ def gpu(device_id: str = "gpu:0", total: int | None = 24000, **kw: object) -> De
                         memory_used_mb=0, memory_free_mb=total, **kw)  # type: ignore[arg-type]
 
 
+def m1_ready() -> list[InstanceStatus]:
+    return [InstanceStatus(model_id="m1", devices=["gpu:0"], state=InstanceState.READY,
+                           memory_charged_mb=5000)]
+
+
 def test_a_routed_decision_names_the_winner_and_its_action():
-    r = router([gpu(loaded_model="m1", slot_state=SlotState.READY)])
+    r = router([gpu(instances=m1_ready())])
     decision = r.decide(r.resolve("planner"))
     assert decision.outcome is Outcome.ROUTED
     assert decision.action is Action.USE_LOADED
@@ -62,8 +67,7 @@ def test_fits_nowhere_names_the_need_and_the_largest_device():
 
 
 def test_all_busy_is_a_503_with_retry_after():
-    r = router([gpu(loaded_model="m1", slot_state=SlotState.READY, in_flight=2,
-                    pending_limit=2)])
+    r = router([gpu(instances=m1_ready(), in_flight=2, pending_limit=2)])
     decision = r.decide(r.resolve("m1"))
     assert decision.outcome is Outcome.ALL_BUSY
     err = r.error_for(decision, "m1")
@@ -107,7 +111,7 @@ def test_the_catalog_is_rebuilt_only_when_the_registry_changes():
     r = router([gpu()])
     first = r.catalog()
     assert r.catalog() is first
-    r.registry.begin(("node-a", "gpu:0"))
+    r.registry.begin(("node-a", "gpu:0"), "m1")
     assert r.catalog() is first
     r.registry.mark_down("node-a", why="test")
     assert r.catalog() is not first
