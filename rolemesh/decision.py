@@ -421,6 +421,11 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     if model_id in first.failed:
         return verdict(Reason.RECENTLY_FAILED, recently_failed=True,
                        note=f"backing off for {first.failed[model_id]:.1f}s")
+    # Held for a set without the model: even a loaded instance is being stopped (mode), and
+    # the agent refuses requests for it (as the fast path already assumes).
+    if any(d.held is not None and model_id not in d.held for d in group):
+        return verdict(Reason.HELD_FOR_SET, note=f"{placement_id(ids)} is held for a set "
+                       f"without {model_id}")
     if any(r.model_id == model_id and r.holds and (r.devices or (first.device_id,)) == ids
            for r in first.residents):
         return verdict(Reason.MODEL_LOADED)
@@ -436,7 +441,14 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
         if not residents:
             return verdict(Reason.NOT_ENOUGH_FREE_MEMORY, note=room.why)
         return verdict(Reason.NO_ROOM, note=room.why)
+    # Its own instance here is on its way out: a placement holds one instance per model, so
+    # a new one can only load after that one is gone (the agent waits for it).
     evicts = tuple(sorted({residents[k].model_id for k in room.evict}))
+    if any(r.model_id == model_id and r.state in _LEAVING_STATES
+           and (r.devices or (first.device_id,)) == ids for r in first.residents):
+        return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=room.cost if evicts else None,
+                       evicts=evicts, note=f"{model_id} is stopping here; a new instance "
+                       "loads once it is gone")
     if room.waits_for_busy or (room.waits_for_leaving and not room.evict):
         return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=room.cost, evicts=evicts)
     if room.evict:
