@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, MutableMapping
 
 from dispatcher.registry import DeviceRecord, Key, NodeRecord, RegistrySnapshot
-from rolemesh.api import ClusterDevice, ClusterNode, ClusterNodes, NodeState
+from rolemesh.api import ClusterDevice, ClusterNode, ClusterNodes, InstanceStatus, NodeState
 from rolemesh.decision import DeviceView, ResidentView
 from rolemesh.residency import split_need
 
@@ -103,7 +103,13 @@ def cluster_node(snapshot: RegistrySnapshot, node: NodeRecord) -> ClusterNode:
         d = snapshot.devices.get(key)
         if d is None:
             continue
-        status = d.status.model_copy(update={"in_flight": d.in_flight, "pending": d.pending})
+        # The residents as last observed (headers, our own routing), not only as reported.
+        reported = {i.model_id: i for i in d.status.instances}
+        instances = [reported[m].model_copy(update={"state": state}) if m in reported
+                     else InstanceStatus(model_id=m, devices=[device_id], state=state)
+                     for m, state in d.residents]
+        status = d.status.model_copy(update={"in_flight": d.in_flight, "pending": d.pending,
+                                             "instances": instances})
         devices.append(ClusterDevice(node_id=node.node_id, status=status,
                                      dispatcher_in_flight=snapshot.own_in_flight.get(key, 0)))
     return ClusterNode(
