@@ -14,11 +14,12 @@ from aiohttp import web
 from node_agent import handlers
 from node_agent.appkeys import HTTP_KEY, NODE_KEY, UPSTREAM_TIMEOUT_KEY
 from node_agent.backends import DeviceBackend
+from node_agent.backends.select import with_cpu_device
 from node_agent.config import NodeAgentConfig
+from node_agent.launcher import LlamaLauncher
 from node_agent.node import ModelFacts, Node
 from node_agent.pidfiles import PidFiles
 from node_agent.registration import run_registration
-from node_agent.launcher import LlamaLauncher
 from node_agent.scheduler import NodeScheduler
 from rolemesh.errors import Unauthorized
 from rolemesh.http import bearer_token, error_middleware, request_context_middleware
@@ -62,6 +63,8 @@ def setup_routes(app: web.Application) -> None:
 
 def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, ModelFacts],
               binary: str) -> web.Application:
+    if config.cpu_device:
+        backend = with_cpu_device(backend)
     app = web.Application(
         middlewares=[request_context_middleware, error_middleware,
                      auth_middleware(config.cluster_token)],

@@ -159,6 +159,7 @@ class NodeAgentConfig(StrictModel):
     memory_safety_margin: float = Field(default=0.9, gt=0, le=1)
     # Residency (docs/lifecycle.md).
     co_residency: bool = True  # False: one model per device at a time, each switch a restart
+    cpu_device: bool = False  # on a GPU host, offer the CPU (host RAM) as one more device
     default_ttl_s: float | None = Field(default=None, gt=0)  # None: never unload when idle
     sets: dict[str, list[str]] = Field(default_factory=dict)  # models that may share a device
     load_failure_backoff_s: float = Field(default=2.0, gt=0)  # doubles per failure, to 5 min

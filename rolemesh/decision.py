@@ -436,11 +436,7 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     held = {d.device_id: d.held for d in group if d.held is not None}
     room = make_room(target, rooms, residents.values(), first.sets, held)
     if isinstance(room, NoRoom):
-        if held and any(model_id not in h for h in held.values()):
-            return verdict(Reason.HELD_FOR_SET, note=room.why)
-        if not residents:
-            return verdict(Reason.NOT_ENOUGH_FREE_MEMORY, note=room.why)
-        return verdict(Reason.NO_ROOM, note=room.why)
+        return verdict(_no_room_reason(model_id, held, bool(residents)), note=room.why)
     # Its own instance here is on its way out: a placement holds one instance per model, so
     # a new one can only load after that one is gone (the agent waits for it).
     evicts = tuple(sorted({residents[k].model_id for k in room.evict}))
@@ -458,6 +454,14 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     reason = Reason.FITS_BESIDE if residents else Reason.FITS_EMPTY_DEVICE
     return verdict(reason, recently_failed=_failed_here(group),
                    busy_neighbours=busy_neighbours)
+
+
+def _no_room_reason(model_id: str, held: Mapping[str, frozenset[str]], occupied: bool
+                    ) -> Reason:
+    if any(model_id not in h for h in held.values()):
+        return Reason.HELD_FOR_SET
+    # Nothing of ours to stop, yet no room: something outside RoleMesh holds the memory.
+    return Reason.NO_ROOM if occupied else Reason.NOT_ENOUGH_FREE_MEMORY
 
 
 def _failed_here(group: Sequence[DeviceView]) -> bool:

@@ -470,53 +470,61 @@ def _pinned(work: _Work) -> None:
         if not spec.pinned:
             continue
         placements = _placements(work, spec)
-        mine = [(p, work.live.get(instance_key(spec.model_id, p))) for p in placements]
-        held = [p for p, inst in mine if work.has_instance(instance_key(spec.model_id, p))]
+        held = [p for p in placements if work.has_instance(instance_key(spec.model_id, p))]
         if not held:
-            failed = [work.view.failed_until.get(instance_key(spec.model_id, p), 0.0)
-                      for p in placements]
-            if all(f > work.now for f in failed):
-                work.wake(min(failed))
-                continue
-            best = _best_placement(work, spec, allow_evict=True)
-            if best is None:
-                continue
-            devices, room = best
-            if room.immediate:
-                work.start(spec.model_id, devices, "pinned")
-            else:
-                for k in room.evict:
-                    work.wanted_gone.add(k)
-                    work.stop(k, StopReason.EVICTED_FOR, spec.model_id)
-            continue
-        if spec.devices is not None:
-            continue
-        # Back to a better device: start there when it has room, then stop the worse copy.
-        ranks = {p: r for r, p in enumerate(placements)}
-        current = min(held, key=lambda p: ranks[p])
+            _start_pinned(work, spec, placements)
+        elif spec.devices is None:
+            _move_pinned(work, spec, placements, held)
+
+
+def _start_pinned(work: _Work, spec: ModelSpec, placements: list[tuple[str, ...]]) -> None:
+    failed = [work.view.failed_until.get(instance_key(spec.model_id, p), 0.0)
+              for p in placements]
+    if all(f > work.now for f in failed):
+        work.wake(min(failed))
+        return
+    best = _best_placement(work, spec, allow_evict=True)
+    if best is None:
+        return
+    devices, room = best
+    if room.immediate:
+        work.start(spec.model_id, devices, "pinned")
+        return
+    for k in room.evict:
+        work.wanted_gone.add(k)
+        work.stop(k, StopReason.EVICTED_FOR, spec.model_id)
+
+
+def _move_pinned(work: _Work, spec: ModelSpec, placements: list[tuple[str, ...]],
+                 held: list[tuple[str, ...]]) -> None:
+    """Back to a better device: start there when it has room, then stop the worse copy."""
+    ranks = {p: r for r, p in enumerate(placements)}
+    if len(held) > 1:
         ready = [p for p in held
                  if (inst := work.live.get(instance_key(spec.model_id, p))) is not None
                  and inst.state is S.READY]
-        if len(held) > 1:
-            best_ready = min(ready, key=lambda p: ranks[p]) if ready else None
-            for p in held:
-                k = instance_key(spec.model_id, p)
-                if (best_ready is not None and ranks[p] > ranks[best_ready]
-                        and work.in_flight.get(k, 0) == 0 and work.queued.get(k, 0) == 0):
-                    work.stop(k, StopReason.MOVED, "+".join(best_ready))
+        if not ready:
+            return
+        best_ready = min(ready, key=lambda p: ranks[p])
+        for p in held:
+            k = instance_key(spec.model_id, p)
+            if (ranks[p] > ranks[best_ready] and work.in_flight.get(k, 0) == 0
+                    and work.queued.get(k, 0) == 0):
+                work.stop(k, StopReason.MOVED, "+".join(best_ready))
+        return
+    current = min(held, key=lambda p: ranks[p])
+    for p in placements[:ranks[current]]:
+        room = work.room_for(spec.model_id, p)
+        if isinstance(room, NoRoom) or room.waits_for_busy:
             continue
-        for p in placements[:ranks[current]]:
-            room = work.room_for(spec.model_id, p)
-            if isinstance(room, NoRoom) or room.waits_for_busy:
-                continue
-            if room.immediate:
-                work.start(spec.model_id, p, "moved")
-                break
-            if work.view.optimize and not room.waits_for_leaving:
-                for k in room.evict:
-                    work.wanted_gone.add(k)
-                    work.stop(k, StopReason.EVICTED_FOR, spec.model_id)
-                break
+        if room.immediate:
+            work.start(spec.model_id, p, "moved")
+            return
+        if work.view.optimize and not room.waits_for_leaving:
+            for k in room.evict:
+                work.wanted_gone.add(k)
+                work.stop(k, StopReason.EVICTED_FOR, spec.model_id)
+            return
 
 
 def _ttl(work: _Work) -> None:

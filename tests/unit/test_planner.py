@@ -125,7 +125,8 @@ def test_when_only_pinned_memory_could_make_room_the_request_is_refused_with_why
               ModelSpec("embed", 5_000, pinned=True)}
     v = view(instances=[inst("embed")], waiters=[wait(1, "coder")], models=models)
     (action,) = kinds(plan(v, 1.0))
-    assert isinstance(action, Reject) and "pinned" in action.message
+    assert isinstance(action, Reject)
+    assert "pinned" in action.message
 
 
 def test_an_idle_instance_past_its_ttl_stops_and_before_that_a_wake_up_is_armed():
@@ -145,7 +146,8 @@ def test_a_model_that_failed_to_load_is_refused_until_its_backoff_ends():
     v = view(waiters=[wait(1, "chat")], failed_until={"chat@gpu:0": 10.0},
              models={"chat": MODELS["chat"]})
     (action,) = plan(v, 5.0)
-    assert isinstance(action, Reject) and "next try in 5.0s" in action.message
+    assert isinstance(action, Reject)
+    assert "next try in 5.0s" in action.message
     assert plan(v, 10.0) == [Start("chat", G0, "request")]
 
 
@@ -245,11 +247,11 @@ def node_states(draw: st.DrawFn) -> tuple[PlanView, float]:
                            ttl_s=draw(st.none() | st.floats(1, 100)),
                            demand=draw(st.integers(0, 20))) for m in NAMES}
     instances: list[InstanceView] = []
-    for d in rooms:
+    for d, room in rooms.items():
         used = 0.0
         for m in draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=3)):
             need = models[m].need_mb
-            if used + need > rooms[d].total_mb * 0.9:  # type: ignore[operator]
+            if used + need > room.total_mb * 0.9:  # type: ignore[operator]
                 continue
             used += need
             state = draw(st.sampled_from([S.READY, S.READY, S.STARTING, S.DRAINING]))
@@ -295,5 +297,6 @@ def test_plan_never_evicts_pinned_or_busy_never_overfills_and_is_deterministic(s
         new = sum(v.models[a.model_id].need_on(a.devices)[d] for a in starts)
         assert kept + new <= room.total_mb * room.margin  # type: ignore[operator]
         if any(v.models[a.model_id].exclusive or not v.co_residency for a in starts):
-            assert len(starts) == 1 and all(
+            assert len(starts) == 1
+            assert all(
                 i.key in stopped or d not in i.devices for i in v.instances)

@@ -132,9 +132,11 @@ async def test_an_instance_with_requests_in_flight_is_never_stopped_by_an_evicti
     assert launcher.stopped == []  # a is busy: b waits, a is draining at most
     assert s.instances["a@gpu:0"].state is InstanceState.DRAINING
     hold.set()
-    assert await first == "a" and await second == "b"
+    assert await first == "a"
+    assert await second == "b"
     assert launcher.stopped == ["a"]
-    assert s.stops[-1].reason is StopReason.EVICTED_FOR and s.stops[-1].detail == "b"
+    assert s.stops[-1].reason is StopReason.EVICTED_FOR
+    assert s.stops[-1].detail == "b"
     await s.shutdown()
 
 
@@ -176,7 +178,7 @@ async def test_a_model_whose_load_fails_is_refused_fast_during_its_backoff(tmp_p
     launcher.broken.add("a")
     s = scheduler(config(tmp_path, [{"model_id": "a"}], load_failure_backoff_s=60.0),
                   launcher, [8_000])
-    with pytest.raises(ModelNotReady, match="cannot load|failed to load"):
+    with pytest.raises(ModelNotReady, match=r"cannot load|failed to load"):
         await ask(s, "a")
     with pytest.raises(ModelNotReady, match="next try in"):
         await ask(s, "a")
@@ -209,7 +211,8 @@ async def test_unload_waits_for_the_request_in_flight_then_stops_with_its_reason
     await async_wait_until(lambda: resident(s) == {"a"})
     unloading = asyncio.create_task(s.unload("a"))
     await asyncio.sleep(0.05)
-    assert not unloading.done() and launcher.stopped == []
+    assert not unloading.done()
+    assert launcher.stopped == []
     hold.set()
     assert await busy == "a"
     assert await unloading == ["a@gpu:0"]
@@ -238,7 +241,8 @@ async def test_a_model_split_over_two_gpus_is_charged_to_both(tmp_path):
                                     {"model_id": "chat", "memory_mb": 3_000}]),
                   launcher, [12_000, 24_000])
     assert await ask(s, "big", ("gpu:0", "gpu:1")) == "big"
-    assert s.charged_on("gpu:0") == 8_000 and s.charged_on("gpu:1") == 12_000
+    assert s.charged_on("gpu:0") == 8_000
+    assert s.charged_on("gpu:1") == 12_000
     assert await ask(s, "chat", ("gpu:1",)) == "chat"  # beside it, in what is left
     assert launcher.started[0] == ("big", ("gpu:0", "gpu:1"))
     await s.shutdown()
@@ -258,4 +262,26 @@ async def test_holding_a_device_for_a_set_loads_it_and_keeps_others_off(tmp_path
         await ask(s, "builder")
     s.hold("gpu:0", None)
     assert await ask(s, "builder") == "builder"
+    await s.shutdown()
+
+
+async def test_a_pinned_model_that_started_on_the_cpu_moves_to_the_gpu_once_it_has_room(
+        tmp_path):
+    launcher = FakeLauncher()
+    cfg = config(tmp_path, [{"model_id": "filler", "memory_mb": 7000},
+                            {"model_id": "embed", "memory_mb": 2000, "pinned": True}])
+    budgets = {"gpu:0": Budget(8000, None), "cpu": Budget(64_000, None)}
+    s = NodeScheduler(cfg, ["gpu:0", "cpu"], lambda: budgets,
+                      {"filler": 7000, "embed": 2000}, launcher, queue_timeout_s=5.0)
+    hold = asyncio.Event()
+    busy = asyncio.create_task(ask(s, "filler", hold=hold))  # the GPU is taken and busy
+    await async_wait_until(lambda: resident(s) == {"filler"})
+    s.start()  # the pinned model finds no room on the GPU: the CPU takes it
+    await async_wait_until(lambda: "embed@cpu" in s.instances
+                           and s.instances["embed@cpu"].state is InstanceState.READY)
+    hold.set()
+    await busy
+    await s.unload("filler")  # the GPU has room again: embed moves back by itself
+    await async_wait_until(lambda: set(s.instances) == {"embed@gpu:0"})
+    assert s.stops[-1].reason is StopReason.MOVED and s.stops[-1].detail == "gpu:0"
     await s.shutdown()
