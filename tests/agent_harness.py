@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ from node_agent.app import build_app
 from node_agent.appkeys import NODE_KEY
 from node_agent.backends import DeviceFigures
 from node_agent.config import NodeAgentConfig
+from node_agent.instance import ModelInstance
 from node_agent.node import Node, check_model_files
+from node_agent.scheduler import NodeScheduler
 from tests.waiting import free_port
 
 
@@ -52,13 +54,40 @@ class RunningAgent:
     url: str
     app: web.Application
     config: NodeAgentConfig
+    # What the scheduler told its listeners, in order: ("instance.loading", {...}), ...
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # Every instance the scheduler started, in order (a restart is a new instance).
+    started: list[ModelInstance] = field(default_factory=list)
 
     @property
     def node(self) -> Node:
         return self.app[NODE_KEY]
 
-    def slot(self, device_id: str = "gpu:0") -> Any:
-        return self.node.slots[device_id]
+    @property
+    def scheduler(self) -> NodeScheduler:
+        return self.node.scheduler
+
+    def instance(self, model_id: str, *devices: str) -> ModelInstance | None:
+        """The live instance of `model_id` on `devices` (default gpu:0), if any."""
+        key = f"{model_id}@{'+'.join(devices or ('gpu:0',))}"
+        return self.scheduler.instances.get(key)
+
+    def queue(self, device_id: str = "gpu:0") -> tuple[int, int]:
+        """(in flight, waiting) on a device, over all its instances."""
+        return self.scheduler.queue_of(device_id)
+
+    def loads(self, model_id: str | None = None) -> list[str]:
+        """The models loaded so far, in order (every start of a llama-server)."""
+        return [str(d["model"]) for k, d in self.events if k == "instance.loading"
+                and (model_id is None or d["model"] == model_id)]
+
+    def stops(self) -> list[tuple[str, str, str | None]]:
+        """(model, reason, detail) of every instance stopped so far, in order."""
+        return [(str(d["model"]), str(d["reason"]), d.get("detail")) for k, d in self.events
+                if k == "instance.stopped"]
+
+    def residents(self, device_id: str = "gpu:0") -> dict[str, str]:
+        return {i.model_id: i.state.value for i in self.scheduler.instances_on(device_id)}
 
 
 @contextlib.asynccontextmanager
@@ -69,10 +98,21 @@ async def running_agent(config: NodeAgentConfig, binary: Path,
     app = build_app(config, backend, check_model_files(config), str(binary))
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
+    agent = RunningAgent(f"http://127.0.0.1:{config.listen_port}", app, config)
+    scheduler = agent.scheduler
+    scheduler.listeners.append(lambda kind, data: agent.events.append((kind, dict(data))))
+    start = scheduler._start  # noqa: SLF001 - the harness watches every instance started
+
+    def watched_start(model_id: str, devices: tuple[str, ...], why: str) -> None:
+        start(model_id, devices, why)
+        agent.started.append(scheduler.instances[f"{model_id}@{'+'.join(devices)}"])
+
+    scheduler._start = watched_start  # type: ignore[method-assign]  # noqa: SLF001
+    agent.started.extend(scheduler.instances.values())  # pinned and preloaded, at start
     site = web.TCPSite(runner, "127.0.0.1", config.listen_port)
     await site.start()
     try:
-        yield RunningAgent(f"http://127.0.0.1:{config.listen_port}", app, config)
+        yield agent
     finally:
         await runner.cleanup()
 

@@ -28,8 +28,7 @@ async def test_chat_completion_by_role_is_answered_by_the_model_with_that_role(
         assert status == 200
         assert "digits" in body["choices"][0]["message"]["content"]
         assert headers["X-RoleMesh-Device"] == "gpu:0"
-        assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
-        assert headers["X-RoleMesh-Slot-State"] == "ready"
+        assert headers["X-RoleMesh-Residents"] == "digits-1=ready"
         assert headers["X-RoleMesh-In-Flight"] == "0"
         assert headers["X-RoleMesh-Node"] == "node-a"
 
@@ -47,7 +46,9 @@ async def test_streamed_chunks_arrive_before_the_answer_is_finished(
             first = await resp.content.readuntil(b"\n\n")
             # At 10 tokens/s, 20 tokens take ~2 s; the first chunk is here long before.
             assert first.startswith(b"data: ")
-            assert agent.slot().snapshot().in_flight == 1
+            assert agent.queue() == (1, 0)
+            letters = agent.instance("letters-1")
+            assert letters is not None and letters.in_flight == 1
             rest = await resp.content.read()
         events = [e for e in (first + rest).split(b"\n\n") if e.strip()]
         assert events[-1] == b"data: [DONE]"
@@ -56,25 +57,61 @@ async def test_streamed_chunks_arrive_before_the_answer_is_finished(
         assert "letters" in text
 
 
-async def test_requests_for_two_models_switch_the_device_between_them(
+async def test_two_models_that_fit_together_share_the_device_and_load_once_each(
         tmp_path, tiny_models, fake_llama_server_bin):
     config = agent_config(tmp_path, two_models(tiny_models))
     async with running_agent(config, fake_llama_server_bin) as agent, \
             aiohttp.ClientSession() as s:
+        answers = []
+        for name in ("planner", "coder", "planner", "coder"):
+            status, headers, body = await post_chat(s, agent.url, name)
+            assert status == 200
+            answers.append(body["choices"][0]["message"]["content"])
+        assert ["letters" in a for a in answers] == [True, False, True, False]
+        assert ["digits" in a for a in answers] == [False, True, False, True]
+        assert headers["X-RoleMesh-Residents"] == "letters-1=ready,digits-1=ready"
+        assert agent.loads() == ["letters-1", "digits-1"]  # alternating loads nothing more
+        assert agent.stops() == []
+        assert agent.residents() == {"letters-1": "ready", "digits-1": "ready"}
+
+
+async def test_with_co_residency_off_requests_for_two_models_switch_the_device(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    config = agent_config(tmp_path, two_models(tiny_models), co_residency=False)
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
         _, _, first = await post_chat(s, agent.url, "planner")
+        letters = agent.instance("letters-1")
         _, headers, second = await post_chat(s, agent.url, "coder")
         assert "letters" in first["choices"][0]["message"]["content"]
         assert "digits" in second["choices"][0]["message"]["content"]
-        assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
-        assert [s.value for s in agent.slot().history] == [
-            "empty", "starting", "ready", "draining", "stopping", "starting", "ready"]
+        assert headers["X-RoleMesh-Residents"] == "digits-1=ready"
+        assert letters is not None
+        assert [st.value for st in letters.history] == [
+            "empty", "starting", "ready", "stopping", "empty"]
+        assert agent.stops() == [("letters-1", "evicted_for", "digits-1")]
+        assert agent.loads() == ["letters-1", "digits-1"]
 
 
-async def test_a_second_empty_device_loads_the_other_model_instead_of_evicting(
+async def test_a_model_that_fits_beside_an_idle_one_loads_there_keeping_the_other_gpu_free(
         tmp_path, tiny_models, fake_llama_server_bin):
     record = tmp_path / "spawns.jsonl"
     models = two_models(tiny_models, server_args={"--fake-record": str(record)})
     config = agent_config(tmp_path, models)
+    async with running_agent(config, fake_llama_server_bin, gpus_mb=[8000, 8000]) as agent, \
+            aiohttp.ClientSession() as s:
+        hs = [(await post_chat(s, agent.url, name))[1] for name in ("planner", "coder", "planner")]
+        assert len({h["X-RoleMesh-Device"] for h in hs}) == 1  # the best fit: one device
+        spawns = [json.loads(line) for line in record.read_text().splitlines()]
+        assert len(spawns) == 2  # one load per model, no eviction
+        assert agent.residents("gpu:1") == {} or agent.residents("gpu:0") == {}
+
+
+async def test_with_co_residency_off_a_second_empty_device_loads_the_other_model(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    record = tmp_path / "spawns.jsonl"
+    models = two_models(tiny_models, server_args={"--fake-record": str(record)})
+    config = agent_config(tmp_path, models, co_residency=False)
     async with running_agent(config, fake_llama_server_bin, gpus_mb=[8000, 8000]) as agent, \
             aiohttp.ClientSession() as s:
         _, h1, _ = await post_chat(s, agent.url, "planner")
@@ -119,9 +156,15 @@ async def test_models_and_inventory_describe_the_node(
             inv = NodeInventory.model_validate(await resp.json())
         assert inv.node_id == "node-a"
         (device,) = inv.devices
-        assert device.loaded_model == "letters-1"
-        assert device.slot_state == "ready"
+        (letters,) = device.instances
+        assert (letters.model_id, letters.state, letters.devices) == ("letters-1", "ready",
+                                                                      ["gpu:0"])
+        assert letters.memory_charged_mb == device.memory_charged_mb > 0
+        assert letters.memory_source == "estimated"
+        assert letters.last_load_s is not None and letters.restarts == 0
+        assert letters.idle_s is not None and letters.ttl_left_s is None  # no TTL set
         assert device.memory_total_mb == 8000
+        assert inv.schema_version == 2 and not inv.draining
         by_id = {m.model_id: m for m in inv.models}
         assert by_id["letters-1"].memory_need_mb >= by_id["letters-1"].file_size_mb
         assert by_id["letters-1"].last_load_s is not None
@@ -139,7 +182,7 @@ async def test_a_name_only_the_dispatcher_knows_is_served_by_the_model_it_resolv
         status, headers, _ = await post_chat(s, agent.url, "planning",
                                                 headers={"X-RoleMesh-Model": "digits-1"})
         assert status == 200
-        assert headers["X-RoleMesh-Loaded-Model"] == "digits-1"
+        assert headers["X-RoleMesh-Residents"] == "digits-1=ready"
 
 
 class FailingAfterStartBackend(FakeGpuBackend):
