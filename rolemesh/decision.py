@@ -268,21 +268,22 @@ _RANK: dict[Reason, Callable[[Verdict], tuple[Any, ...]]] = {
     # A failed placement is empty too, but whatever broke it may break the next load as
     # well; then a device with no busy neighbour (they would share its compute); then the
     # best fit, so a big device stays free for what only it can hold.
+    # Best fit is judged on the device (the tightest room that takes the model), and among
+    # a role's models on one device the smaller goes first: it leaves more for others.
     Reason.FITS_EMPTY_DEVICE: lambda v: (v.recently_failed, v.busy_neighbours,
-                                         _leftover(v), v.queue,
+                                         _room(v), v.memory_need_mb or 0, v.queue,
                                          v.node_id, v.device_id, v.model_id),
     Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, v.recently_failed,
-                                        _leftover(v), v.node_id, v.device_id, v.model_id),
+                                        _room(v), v.memory_need_mb or 0,
+                                        v.node_id, v.device_id, v.model_id),
     Reason.SWITCH_AFTER_QUEUE: lambda v: (v.queue, v.eviction_cost or 0.0,
                                           v.node_id, v.device_id, v.model_id),
 }
 _RANK[Reason.FITS_BESIDE] = _RANK[Reason.FITS_EMPTY_DEVICE]
 
 
-def _leftover(v: Verdict) -> float:
-    if v.memory_free_mb is None or v.memory_need_mb is None:
-        return float("inf")  # unknown sizes go after known fits
-    return v.memory_free_mb - v.memory_need_mb
+def _room(v: Verdict) -> float:
+    return float("inf") if v.memory_free_mb is None else v.memory_free_mb  # unknown last
 
 
 _DEFAULT_POLICY = Policy()
