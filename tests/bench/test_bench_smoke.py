@@ -98,3 +98,13 @@ def test_load_generator_counts_sse_events_split_across_reads() -> None:
     assert conn.status == 200
     assert conn.events == 3
     assert conn.saw_done
+
+
+def test_residency_measures_alternation_planning_and_decision() -> None:
+    data, table = run_bench("bench.residency", "--quick")
+    alt = data["alternation"]
+    assert alt["co-residency"]["loads"] == 2  # two models that fit together: loaded once each
+    assert alt["one model per device"]["loads"] == alt["one model per device"]["requests"]
+    assert data["plan"]["plan_p99_us"] > 0 and data["decision"]["p99_us"] > 0
+    assert data["memory"]["instances"] == 3
+    assert "alternating two models" in table
