@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TypeVar
 
 from aiohttp import web
@@ -38,10 +39,25 @@ def parse_wire(model: type[WireT], body: bytes) -> WireT:
         raise BadRequest(f"not a valid {model.__name__}: {problems}") from exc
 
 
+def check_schema_version_first(body: bytes, inventory: bool) -> None:
+    """Refuse another schema version by its number, before its fields are misread."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # parse_wire says what is wrong with it
+    if isinstance(data, dict) and inventory:
+        data = data.get("inventory")
+    if isinstance(data, dict):
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if isinstance(version, int) and version != SCHEMA_VERSION:
+            check_schema_version(version)
+
+
 def check_schema_version(version: int) -> None:
     if version != SCHEMA_VERSION:
         raise BadRequest(f"schema_version {version} is not supported; this dispatcher "
-                         f"speaks {SCHEMA_VERSION}")
+                         f"speaks {SCHEMA_VERSION}: upgrade the node agent and the dispatcher "
+                         "together")
 
 
 def check_node_url(url: str) -> None:
@@ -66,7 +82,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def register(request: web.Request) -> web.Response:
     d = request.app[DISPATCHER_KEY]
-    req = parse_wire(RegisterRequest, await read_body(request, d.config.max_body_bytes))
+    body = await read_body(request, d.config.max_body_bytes)
+    check_schema_version_first(body, inventory=True)
+    req = parse_wire(RegisterRequest, body)
     check_schema_version(req.inventory.schema_version)
     check_node_url(req.inventory.url)
     node = d.registry.register(req.inventory)
@@ -78,7 +96,9 @@ async def register(request: web.Request) -> web.Response:
 
 async def heartbeat(request: web.Request) -> web.Response:
     d = request.app[DISPATCHER_KEY]
-    beat = parse_wire(HeartbeatRequest, await read_body(request, d.config.max_body_bytes))
+    body = await read_body(request, d.config.max_body_bytes)
+    check_schema_version_first(body, inventory=False)
+    beat = parse_wire(HeartbeatRequest, body)
     check_schema_version(beat.schema_version)
     accepted = d.registry.heartbeat(beat)  # NodeNotFound (404) makes the agent register
     d.metrics.heartbeats.labels(str(accepted).lower()).inc()
