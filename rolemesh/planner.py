@@ -391,6 +391,8 @@ def _undrain_unwanted(work: _Work) -> None:
         inst = work.live[k]
         if inst.draining_for is None or not inst.draining_for.startswith(EVICTED_FOR):
             continue
+        if k in work.leaving:
+            continue  # drained, then stopped: it keeps its reason but can take nothing now
         if any(isinstance(a, Drain) and a.instance == k for a in work.out):
             continue
         work.out.append(Undrain(k))
