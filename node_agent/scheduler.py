@@ -409,6 +409,10 @@ class NodeScheduler:
                 case Reject(waiter=wid, message=message):
                     w = waiters.pop(wid)
                     self._waiters.remove(w)
+                    # A refusal after a failed load says why it failed (exit code, output).
+                    key = instance_key(w.model.model_id, w.devices)
+                    if key in self._failed_until and key in self._failed_error:
+                        message = f"{message}: {self._failed_error[key]}"
                     w.future.set_exception(ModelNotReady(message))
                 case WakeAt(at=at):
                     wake = at
