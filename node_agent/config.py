@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +28,16 @@ STRUCTURED_FLAGS: dict[str, str] = {
     "alias": "--alias -a",
     "parallel": "--parallel -np",
     "embeddings": "--embeddings --embedding --pooling",
+    "cache_type_k": "--cache-type-k -ctk",
+    "cache_type_v": "--cache-type-v -ctv",
+    "mmproj": "--mmproj -mm --mmproj-url -mmu --no-mmproj",
+    "n_cpu_moe": "--n-cpu-moe -ncmoe",
+    "cpu_moe": "--cpu-moe -cmoe",
+    "override_tensor": "--override-tensor -ot",
 }
+# What llama-server accepts for --cache-type-k / --cache-type-v.
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 # Flags the agent itself owns: where the model lives and where the server listens.
 # (--api-key too: llama-server listens on 127.0.0.1 only, and a key there would lock the agent
 # out of its own child; the agent's cluster_token guards the node instead.)
@@ -55,6 +65,15 @@ class ModelConfig(StrictModel):
     alias: str | None = None
     parallel: int = Field(default=1, ge=1, le=256)
     embeddings: bool = False  # adds --embeddings --pooling mean
+    # Memory placement (docs/memory.md): KV cache types, a vision projector, experts kept in
+    # host RAM, tensor overrides, and whether weights may page from disk when RAM is short.
+    cache_type_k: CacheType = "f16"
+    cache_type_v: CacheType = "f16"
+    mmproj: Path | None = None
+    n_cpu_moe: int | None = Field(default=None, ge=0)
+    cpu_moe: bool = False
+    override_tensor: list[str] = Field(default_factory=list)
+    allow_disk_paging: bool = False
     server_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
     @field_validator("server_args")
@@ -72,6 +91,27 @@ class ModelConfig(StrictModel):
             if flag in AGENT_OWNED_FLAGS:
                 raise ValueError(f"{flag!r} is set by the agent itself and cannot be overridden")
         return value
+
+    @field_validator("override_tensor")
+    @classmethod
+    def _overrides_are_pattern_equals_buffer(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            pattern, sep, buffer = entry.rpartition("=")
+            if not sep or not pattern or not buffer or "," in entry:
+                raise ValueError(f"{entry!r} is not 'REGEX=BUFFER_TYPE' (such as "
+                                 r"'\.ffn_.*_exps\.=CPU'; one override per item, no commas)")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{entry!r}: {pattern!r} is not a regex: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _quantized_v_cache_needs_flash_attention(self) -> ModelConfig:
+        if self.cache_type_v not in ("f32", "f16", "bf16") and self.flash_attn is False:
+            raise ValueError(f"cache_type_v {self.cache_type_v} needs flash attention "
+                             "(llama.cpp refuses a quantized V cache with flash_attn off)")
+        return self
 
     @field_validator("roles")
     @classmethod
@@ -143,6 +183,13 @@ class NodeAgentConfig(StrictModel):
     @cached_property
     def _models_by_id(self) -> dict[str, ModelConfig]:
         return {m.model_id: m for m in self.models}
+
+    def projector_problems(self) -> list[str]:
+        """Each model's mmproj must be a file: checked where the model files are checked
+        (at start-up, with `path`), not while parsing, so example configs still load."""
+        return [f"models.{i}.mmproj ({m.model_id}): {m.mmproj} does not exist or is not a file"
+                for i, m in enumerate(self.models)
+                if m.mmproj is not None and not m.mmproj.is_file()]
 
     def model(self, model_id: str) -> ModelConfig | None:
         return self._models_by_id.get(model_id)
