@@ -10,14 +10,16 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from dispatcher import handlers
+from dispatcher import dashboard, handlers
 from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
 from dispatcher.auth import auth_middleware
 from dispatcher.config import DispatcherConfig
+from dispatcher.events import EVENTS_KEY, EventHub
 from dispatcher.forwarding import OPENAI_PATHS, Forwarder
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry
 from dispatcher.router import Router
+from dispatcher.views import cluster_nodes
 from rolemesh.decision import Policy
 from rolemesh.http import error_middleware, request_context_middleware
 
@@ -45,6 +47,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/route", handlers.route)
     for path in OPENAI_PATHS:
         app.router.add_post(path, handlers.openai_request)
+    dashboard.setup_routes(app)  # the page, /v1/events, node logs
 
 
 def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Application:
@@ -65,12 +68,14 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
                      auth_middleware(config.cluster_token, config.api_keys)],
         client_max_size=config.max_body_bytes)
     app[DISPATCHER_KEY] = Dispatcher(config, registry, router, metrics, forwarder)
+    hub = forwarder.events = app[EVENTS_KEY] = EventHub(
+        lambda: {"nodes": cluster_nodes(registry.snapshot()).model_dump(mode="json")["data"]})
     setup_routes(app)
     interval = deps.expiry_interval_s or min(MAX_EXPIRY_INTERVAL_S, config.timeout_s / 4)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await forwarder.start()
-        expiry = asyncio.create_task(expire_nodes(registry, interval))
+        expiry = asyncio.create_task(expire_nodes(registry, interval, hub))
         log.info("dispatcher.started", host=config.listen_host, port=config.listen_port,
                  node_timeout_s=config.timeout_s, node_forget_s=config.forget_s,
                  aliases=sorted(config.roles), client_auth=config.api_keys is not None)
@@ -87,8 +92,11 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
     return app
 
 
-async def expire_nodes(registry: Registry, interval_s: float) -> None:
+async def expire_nodes(registry: Registry, interval_s: float,
+                       hub: EventHub | None = None) -> None:
     """Mark silent nodes down, then forget them (the registry logs each change)."""
     while True:
         await asyncio.sleep(interval_s)
-        registry.expire()
+        for change in registry.expire():
+            if hub is not None:
+                hub.node_gone(change.node_id, change.change, "missed heartbeats")

@@ -23,7 +23,9 @@ from rolemesh.http import bearer_token
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REGISTRY_PATHS = frozenset({"/v1/nodes/register", "/v1/nodes/heartbeat"})
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+# The dashboard's page and files hold no data: what they show comes from the API, with a key.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/", "/routing"})
+OPEN_PREFIXES = ("/ui/",)
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
@@ -48,7 +50,7 @@ def auth_middleware(cluster_token: str | None, api_keys: Sequence[str] | None) -
             if cluster and not token_matches(bearer_token(request), cluster):
                 raise Unauthorized("nodes register and heartbeat with 'Authorization: Bearer "
                                    "<cluster_token>'", headers=_CHALLENGE)
-        elif client_keys and path not in OPEN_PATHS and \
+        elif client_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) and \
                 not token_matches(bearer_token(request), client_keys):
             raise Unauthorized("this dispatcher needs an API key: 'Authorization: Bearer "
                                "<key>'", headers=_CHALLENGE)

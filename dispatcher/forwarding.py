@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import structlog
@@ -24,8 +25,10 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from dispatcher.events import EventHub
 from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
 from dispatcher.registry import Key, NodeRecord, Registry
+from dispatcher.request_trace import TRACE_KEY, RequestTrace, TimedUpstream, finish
 from dispatcher.roles import Resolution
 from dispatcher.router import Router
 from rolemesh import headers
@@ -103,6 +106,7 @@ class Forwarder:
         self.max_attempts = max_attempts
         self.max_body_bytes = max_body_bytes
         self.busy_retry_after_s = busy_retry_after_s
+        self.events: EventHub | None = None  # set by build_app: request.done events
         # sock_read bounds the wait for each read (a whole stream may take longer).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                               sock_read=request_timeout_s)
@@ -125,23 +129,26 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         label = UNKNOWN_MODEL
+        trace = request[TRACE_KEY] = RequestTrace(request.path, request_id_of(request))
         try:
             body = await read_body(request, self.max_body_bytes)
             head = parse_request_head(body)
+            trace.name = head.model
             resolution = self.router.resolve(head.model)
             label = head.model
             structlog.contextvars.bind_contextvars(model=head.model)
             return await self._forward(request, body, head.stream, resolution, label)
         except RoleMeshError as err:
+            trace.outcome, trace.status = err.code, err.status
             self.metrics.request(label, err.code)
             raise
         except (ConnectionResetError, asyncio.CancelledError):
+            trace.outcome = RequestOutcome.CLIENT_GONE
             self.metrics.request(label, RequestOutcome.CLIENT_GONE)
             raise
         finally:
-            # aiohttp serves a keep-alive connection's requests in one task: do not let
-            # this request's model stick to the next one's log lines.
-            structlog.contextvars.unbind_contextvars("model")
+            # The model stays bound for request.done; the middleware unbinds it after.
+            finish(trace, self.metrics, self.events)
 
     async def _forward(self, request: web.Request, body: bytes, stream: bool,
                        resolution: Resolution, label: str) -> web.StreamResponse:
@@ -165,6 +172,7 @@ class Forwarder:
                 self.registry.expect(key, winner.model_id)
             log.debug("request.routed", node=winner.node_id, device=winner.device_id,
                       model=winner.model_id, action=decision.action)
+            request[TRACE_KEY].chose(winner.node_id, winner.device_id, winner.model_id)
             out = {**base, headers.DEVICE: winner.device_id, headers.MODEL: winner.model_id}
             result = await self._attempt(request, node, key, body, out, stream, label)
             if not isinstance(result, Retry):
@@ -194,7 +202,7 @@ class Forwarder:
                 upstream = await http.post(url, data=payload, headers=out,
                                            timeout=self._timeout)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                registry.mark_down(key[0], why=f"connect failed: {exc}")
+                self._mark_down(key[0], f"connect failed: {exc}")
                 return Retry("connect_failed", f"{where}: cannot connect: {exc}")
             except TimeoutError as exc:
                 raise GatewayTimeout(f"{where} did not answer in time") from exc
@@ -219,8 +227,11 @@ class Forwarder:
                 if code in FAILOVER_CODES:
                     return Retry(code, f"{where}: {code}",
                                  retry_after(upstream.headers.get(headers.RETRY_AFTER)))
-            self.metrics.request(label, RequestOutcome.OK if upstream.status < 400
-                                 else RequestOutcome.UPSTREAM_ERROR)
+            trace = request[TRACE_KEY]
+            trace.status = upstream.status
+            trace.outcome = (RequestOutcome.OK if upstream.status < 400
+                             else RequestOutcome.UPSTREAM_ERROR)
+            self.metrics.request(label, trace.outcome)
             return buffered_response(upstream, data, extra)
         finally:
             if counted:
@@ -228,15 +239,24 @@ class Forwarder:
 
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       extra: dict[str, str], label: str) -> web.StreamResponse:
-        response = await stream_back(request, upstream, extra)
+        trace = request[TRACE_KEY]
+        trace.status = upstream.status
+        timed: Any = TimedUpstream(upstream, trace)  # notes when the first chunk arrives
+        response = await stream_back(request, timed, extra)
         # stream_back ends a broken stream with an SSE error event: the upstream body then
         # never reached its end (a clean stream's did; release() cannot undo that).
         if upstream.content.is_eof():
+            trace.outcome = RequestOutcome.OK
             self.metrics.request(label, RequestOutcome.OK)
         else:
             log.warning("request.stream_broken", error=str(upstream.content.exception()))
+            trace.outcome = RequestOutcome.STREAM_BROKEN
             self.metrics.request(label, RequestOutcome.STREAM_BROKEN)
         return response
+
+    def _mark_down(self, node_id: str, why: str) -> None:
+        if self.registry.mark_down(node_id, why=why) and self.events is not None:
+            self.events.node_gone(node_id, "down", why)
 
     def _exhausted(self, name: str, retries: list[Retry]) -> RoleMeshError:
         notes = "; ".join(r.note for r in retries)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from dispatcher.appkeys import DISPATCHER_KEY
+from dispatcher.events import EVENTS_KEY
 from dispatcher.metrics import CONTENT_TYPE
 from dispatcher.roles import model_list
 from dispatcher.views import cluster_node, cluster_nodes
@@ -71,6 +72,8 @@ async def register(request: web.Request) -> web.Response:
     check_node_url(req.inventory.url)
     node = d.registry.register(req.inventory)
     d.metrics.registrations.inc()
+    request.app[EVENTS_KEY].node_report(node.node_id, req.inventory.devices,
+                                        getattr(req.inventory, "recent_stops", None))
     return json_response(RegisterResponse(
         node_id=node.node_id, heartbeat_interval_s=d.config.heartbeat_interval_s
     ).model_dump(mode="json"))
@@ -82,6 +85,9 @@ async def heartbeat(request: web.Request) -> web.Response:
     check_schema_version(beat.schema_version)
     accepted = d.registry.heartbeat(beat)  # NodeNotFound (404) makes the agent register
     d.metrics.heartbeats.labels(str(accepted).lower()).inc()
+    if accepted:
+        request.app[EVENTS_KEY].node_report(beat.node_id, beat.devices,
+                                            getattr(beat, "recent_stops", None))
     return json_response(HeartbeatResponse(
         accepted=accepted, heartbeat_interval_s=d.config.heartbeat_interval_s
     ).model_dump(mode="json"))

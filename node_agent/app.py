@@ -11,7 +11,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from node_agent import handlers
+from node_agent import handlers, handlers_ops
 from node_agent.appkeys import HTTP_KEY, NODE_KEY, UPSTREAM_TIMEOUT_KEY
 from node_agent.backends import DeviceBackend
 from node_agent.config import NodeAgentConfig
@@ -51,6 +51,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/route", handlers.route)
     for path in OPENAI_PATHS:
         app.router.add_post(path, handlers.openai_request)
+    handlers_ops.setup_routes(app)  # /metrics, /v1/node/logs
 
 
 def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, ModelFacts],

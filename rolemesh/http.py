@@ -52,7 +52,8 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
         # A keep-alive connection serves its requests in one task: nothing of this
         # request may stick to the next one's log lines.
-        structlog.contextvars.unbind_contextvars("request_id", "device", "model")
+        structlog.contextvars.unbind_contextvars("request_id", "device", "model", "node",
+                                                 "model_id")
     if not response.prepared:
         response.headers[headers.REQUEST_ID] = request_id
     return response
