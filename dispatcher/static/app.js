@@ -159,7 +159,7 @@
           ? "stopped" : e.type.replace("node.", "node ")),
         el("td", {}, e.model_id || "–"),
         el("td", {}, e.device_id ? `${e.node_id}/${e.device_id}` : e.node_id),
-        el("td", { class: "why" }, e.type === "model.loaded" ? `in ${secs(e.load_s)}`
+        el("td", { class: "why" }, e.type === "model.loaded" ? (e.load_s ? `in ${secs(e.load_s)}` : "")
           : [e.reason, e.detail, e.why].filter(Boolean).join(": ")))));
   }
 
