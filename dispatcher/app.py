@@ -6,18 +6,21 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from dispatcher import dashboard, handlers
+from dispatcher import dashboard, handlers, routing_table
 from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
 from dispatcher.auth import auth_middleware
+from dispatcher.classifier import Classifier
 from dispatcher.config import DispatcherConfig
 from dispatcher.events import EVENTS_KEY, EventHub
 from dispatcher.forwarding import OPENAI_PATHS, Forwarder
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry
+from dispatcher.request_routing import RequestRouting
 from dispatcher.router import Router
 from dispatcher.views import cluster_nodes
 from rolemesh.decision import Policy
@@ -45,6 +48,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/nodes/{node_id}", handlers.get_node)
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/v1/route", handlers.route)
+    app.router.add_get("/v1/routing", routing_table.get_routing)
+    app.router.add_put("/v1/routing", routing_table.put_routing)
     for path in OPENAI_PATHS:
         app.router.add_post(path, handlers.openai_request)
     dashboard.setup_routes(app)  # the page, /v1/events, node logs
@@ -56,7 +61,7 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
                         default_load_s=config.default_load_s, clock=deps.clock)
     policy = Policy(memory_safety_margin=config.vram_safety_margin,
                     busy_retry_after_s=config.busy_retry_after_s)
-    router = Router(registry, config.roles, policy)
+    router = Router(registry, config.aliases, policy)
     metrics = Metrics(registry)
     forwarder = Forwarder(
         registry, router, metrics, cluster_token=config.cluster_token,
@@ -65,11 +70,20 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
         busy_retry_after_s=config.busy_retry_after_s)
     app = web.Application(
         middlewares=[request_context_middleware, error_middleware,
-                     auth_middleware(config.cluster_token, config.api_keys)],
+                     auth_middleware(config.cluster_token, (
+                         [*config.api_keys, *(config.admin_keys or [])] if config.api_keys
+                         else None))],
         client_max_size=config.max_body_bytes)
     app[DISPATCHER_KEY] = Dispatcher(config, registry, router, metrics, forwarder)
     hub = forwarder.events = app[EVENTS_KEY] = EventHub(
         lambda: {"nodes": cluster_nodes(registry.snapshot()).model_dump(mode="json")["data"]})
+    store = app[routing_table.ROUTING_KEY] = routing_table.RoutingTableStore.at_start(
+        config.routing, Path(config.routing_file) if config.routing_file else None)
+    forwarder.routing = RequestRouting(store, router, Classifier(forwarder.call))
+    app[routing_table.EDITORS_KEY] = (
+        *(config.admin_keys or []), *([config.cluster_token] if config.cluster_token else []))
+    app[routing_table.SERVED_KEY] = lambda: (router.catalog().servable_names(),
+                                             config.aliases)
     setup_routes(app)
     interval = deps.expiry_interval_s or min(MAX_EXPIRY_INTERVAL_S, config.timeout_s / 4)
 
@@ -78,7 +92,11 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
         expiry = asyncio.create_task(expire_nodes(registry, interval, hub))
         log.info("dispatcher.started", host=config.listen_host, port=config.listen_port,
                  node_timeout_s=config.timeout_s, node_forget_s=config.forget_s,
-                 aliases=sorted(config.roles), client_auth=config.api_keys is not None)
+                 aliases=sorted(config.aliases), client_auth=config.api_keys is not None)
+        for key in config.deprecated_keys:
+            log.warning("config.deprecated_key", key=key, use="aliases",
+                        message="'roles:' in the dispatcher config holds aliases: rename it "
+                                "to 'aliases:'")
         if not config.cluster_token:
             log.warning("dispatcher.no_cluster_token",
                         message="any host that reaches this port can register as a node")

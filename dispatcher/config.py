@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from rolemesh.routing_rules import RoutingTable
 
 TOKEN_ENV = "ROLEMESH_CLUSTER_TOKEN"
 TIMEOUT_HEARTBEATS = 3  # node_timeout_s defaults to this many heartbeat intervals
@@ -28,7 +38,12 @@ class DispatcherConfig(StrictModel):
     node_timeout_s: float | None = Field(default=None, gt=0)  # None: 3 x heartbeat_interval_s
     node_forget_s: float | None = Field(default=None, gt=0)  # None: 4 x node_timeout_s
     vram_safety_margin: float = Field(default=0.9, gt=0, le=1)
-    roles: dict[str, str] = Field(default_factory=dict)  # alias -> role or model id
+    aliases: dict[str, str] = Field(default_factory=dict)  # alias -> role or model id
+    # The old name of `aliases` (it never held roles): read, with a warning at start.
+    roles: dict[str, str] | None = Field(default=None, exclude=True)
+    routing: RoutingTable = Field(default_factory=RoutingTable)
+    # Where PUT /v1/routing keeps the table; None: beside the config file (FILE.routing.json).
+    routing_file: str | None = None
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -36,10 +51,12 @@ class DispatcherConfig(StrictModel):
     busy_retry_after_s: float = Field(default=1.0, gt=0)
     default_load_s: float = Field(default=5.0, ge=0)
     api_keys: list[str] | None = Field(default=None, repr=False)
+    # Keys that may change the cluster (PUT /v1/routing); the cluster token may too.
+    admin_keys: list[str] | None = Field(default=None, repr=False)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("roles")
+    @field_validator("aliases", "roles")
     @classmethod
     def _aliases_are_names(cls, value: dict[str, str]) -> dict[str, str]:
         for alias, target in value.items():
@@ -54,17 +71,38 @@ class DispatcherConfig(StrictModel):
                                  "chain, name the role or model id")
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
-    def _api_keys_are_given(cls, value: list[str] | None) -> list[str] | None:
+    def _api_keys_are_given(cls, value: list[str] | None, info: ValidationInfo
+                            ) -> list[str] | None:
         if value is None:
             return None
         if not value:
-            raise ValueError("an empty list would refuse every client; leave api_keys out "
-                             "to allow clients without a key")
+            raise ValueError(f"an empty list would refuse every client; leave {info.field_name} "
+                             "out instead")
         if any(not key.strip() for key in value):
             raise ValueError("an api key cannot be empty")
         return value
+
+    @model_validator(mode="after")
+    def _old_roles_key(self) -> DispatcherConfig:
+        if self.roles is not None:
+            if self.aliases:
+                raise ValueError("roles: is the old name of aliases: give aliases only")
+            self.aliases = self.roles
+        return self
+
+    @model_validator(mode="after")
+    def _routing_file_beside_config(self, info: ValidationInfo) -> DispatcherConfig:
+        source = (info.context or {}).get("source")
+        if self.routing_file is None and source and not source.startswith("<"):
+            path = Path(source)
+            self.routing_file = str(path.with_name(path.stem + ".routing.json"))
+        return self
+
+    @property
+    def deprecated_keys(self) -> list[str]:
+        return ["roles"] if self.roles is not None else []
 
     @model_validator(mode="after")
     def _resolve(self) -> DispatcherConfig:
@@ -98,6 +136,7 @@ class DispatcherConfig(StrictModel):
         data = self.model_dump(mode="json")
         if data.get("cluster_token"):
             data["cluster_token"] = "***"
-        if data.get("api_keys"):
-            data["api_keys"] = ["***"] * len(data["api_keys"])
+        for key in ("api_keys", "admin_keys"):
+            if data.get(key):
+                data[key] = ["***"] * len(data[key])
         return data

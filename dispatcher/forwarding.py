@@ -28,6 +28,12 @@ from yarl import URL
 from dispatcher.events import EventHub
 from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
 from dispatcher.registry import Key, NodeRecord, Registry
+from dispatcher.request_routing import (
+    ROUTE_HEADERS_KEY,
+    RequestRouting,
+    falls_back,
+    with_model,
+)
 from dispatcher.request_trace import TRACE_KEY, RequestTrace, TimedUpstream, finish
 from dispatcher.roles import Resolution
 from dispatcher.router import Router
@@ -40,14 +46,15 @@ from rolemesh.errors import (
     ModelNotReady,
     NoNodeAvailable,
     RoleMeshError,
+    UpstreamFailed,
 )
 from rolemesh.http import read_body, request_id_of
-from rolemesh.openai_body import parse_request_head
+from rolemesh.openai_body import OPENAI_PATHS, OpenAIRequestHead, parse_request_head
 from rolemesh.proxying import buffered_response, read_whole, stream_back
 
 log = structlog.get_logger("dispatcher.forwarding")
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+__all__ = ["OPENAI_PATHS", "Forwarder"]
 FAILOVER_CODES = frozenset({"device_busy", "model_not_ready"})
 
 
@@ -107,6 +114,7 @@ class Forwarder:
         self.max_body_bytes = max_body_bytes
         self.busy_retry_after_s = busy_retry_after_s
         self.events: EventHub | None = None  # set by build_app: request.done events
+        self.routing: RequestRouting | None = None  # set by build_app: the routing table
         # sock_read bounds the wait for each read (a whole stream may take longer).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                               sock_read=request_timeout_s)
@@ -134,10 +142,25 @@ class Forwarder:
             body = await read_body(request, self.max_body_bytes)
             head = parse_request_head(body)
             trace.name = head.model
-            resolution = self.router.resolve(head.model)
-            label = head.model
             structlog.contextvars.bind_contextvars(model=head.model)
-            return await self._forward(request, body, head.stream, resolution, label)
+            if self.routing is None:
+                resolution = self.router.resolve(head.model)
+                label = head.model  # only a served name: the metric's labels stay bounded
+                return await self._forward(request, body, head, resolution, label)
+            plan = await self.routing.plan(head, request.headers)
+            label = plan.label
+            request[ROUTE_HEADERS_KEY] = plan.headers
+            for i, resolution in enumerate(plan.resolutions):
+                try:
+                    return await self._forward(request, body, head, resolution, label)
+                except RoleMeshError as err:
+                    if i + 1 >= len(plan.resolutions) or not falls_back(err):
+                        err.headers.update(plan.headers)
+                        raise
+                    plan.fell_back(i, err)
+                    log.info("request.fallback", came=resolution.name, why=err.code,
+                             goes=plan.resolutions[i + 1].name)
+            raise RuntimeError("a routing plan without a target")  # plan() never makes one
         except RoleMeshError as err:
             trace.outcome, trace.status = err.code, err.status
             self.metrics.request(label, err.code)
@@ -150,8 +173,9 @@ class Forwarder:
             # The model stays bound for request.done; the middleware unbinds it after.
             finish(trace, self.metrics, self.events)
 
-    async def _forward(self, request: web.Request, body: bytes, stream: bool,
+    async def _forward(self, request: web.Request, body: bytes, head: OpenAIRequestHead,
                        resolution: Resolution, label: str) -> web.StreamResponse:
+        stream = head.stream
         base = {**self._base_headers, headers.REQUEST_ID: request_id_of(request)}
         excluded: list[Key] = []
         retries: list[Retry] = []
@@ -174,7 +198,10 @@ class Forwarder:
                       model=winner.model_id, action=decision.action)
             request[TRACE_KEY].chose(winner.node_id, winner.device_id, winner.model_id)
             out = {**base, headers.DEVICE: winner.device_id, headers.MODEL: winner.model_id}
-            result = await self._attempt(request, node, key, body, out, stream, label)
+            # The body names the model that answers, so its answer's `model` field does too.
+            payload = body if winner.model_id == head.model else \
+                with_model(head.data, winner.model_id)
+            result = await self._attempt(request, node, key, payload, out, stream, label)
             if not isinstance(result, Retry):
                 return result
             retries.append(result)
@@ -210,7 +237,8 @@ class Forwarder:
                 return Retry("connection_lost",
                              f"{where}: connection lost before the answer: {exc!r}")
             state = observed_state(upstream.headers, key)
-            extra = {headers.ROUTED_TO: where, headers.REQUEST_ID: out[headers.REQUEST_ID]}
+            extra = {headers.ROUTED_TO: where, headers.REQUEST_ID: out[headers.REQUEST_ID],
+                     **request.get(ROUTE_HEADERS_KEY, {})}
             if stream and upstream.status == 200:
                 if state is not None:  # sent at the stream's start: they count this request
                     registry.observe(key, *state)
@@ -257,6 +285,50 @@ class Forwarder:
     def _mark_down(self, node_id: str, why: str) -> None:
         if self.registry.mark_down(node_id, why=why) and self.events is not None:
             self.events.node_gone(node_id, "down", why)
+
+    async def call(self, path: str, payload: dict[str, Any], name: str) -> bytes:
+        """One buffered request from the dispatcher itself (the classifier role): the same
+        decision and failover as a client's, its answer's bytes back; errors raise."""
+        http = self._http
+        if http is None:
+            raise RuntimeError("the forwarder is not started")
+        resolution = self.router.resolve(name)
+        excluded: list[Key] = []
+        retries: list[Retry] = []
+        for _ in range(self.max_attempts):
+            decision = self.router.decide(resolution, excluded)
+            winner = decision.winner
+            node = self.registry.node(winner.node_id) if winner is not None else None
+            if winner is None or node is None:
+                if not retries:
+                    raise self.router.error_for(decision, name)
+                break
+            key = (winner.node_id, winner.device_id)
+            out = {**self._base_headers, headers.DEVICE: winner.device_id,
+                   headers.MODEL: winner.model_id}
+            self.registry.begin(key)
+            try:
+                async with http.post(URL(node.url + path), headers=out, timeout=self._timeout,
+                                     data=with_model(payload, winner.model_id)) as upstream:
+                    data = await upstream.read()
+                    state = observed_state(upstream.headers, key)
+                    status = upstream.status
+            except (aiohttp.ClientError, OSError) as exc:
+                retries.append(Retry("connect_failed", f"{key[0]}/{key[1]}: {exc!r}"))
+                excluded.append(key)
+                continue
+            finally:
+                self.registry.end(key)
+            if state is not None:
+                self.registry.observe(key, *state)
+            if status == 503 and error_code(data) in FAILOVER_CODES:
+                retries.append(Retry(str(error_code(data)), f"{key[0]}/{key[1]}: busy"))
+                excluded.append(key)
+                continue
+            if status >= 400:
+                raise UpstreamFailed(f"{name!r} answered HTTP {status}: {data[:200]!r}")
+            return data
+        raise self._exhausted(name, retries)
 
     def _exhausted(self, name: str, retries: list[Retry]) -> RoleMeshError:
         notes = "; ".join(r.note for r in retries)

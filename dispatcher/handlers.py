@@ -11,8 +11,10 @@ from yarl import URL
 from dispatcher.appkeys import DISPATCHER_KEY
 from dispatcher.events import EVENTS_KEY
 from dispatcher.metrics import CONTENT_TYPE
+from dispatcher.request_routing import features_from_query
 from dispatcher.roles import model_list
 from dispatcher.views import cluster_node, cluster_nodes
+from rolemesh import headers
 from rolemesh.api import (
     SCHEMA_VERSION,
     HeartbeatRequest,
@@ -115,9 +117,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def route(request: web.Request) -> web.Response:
     name = request.query.get("model", "")
-    if not name:
-        raise BadRequest("name a model, role or alias: /v1/route?model=NAME")
-    return json_response(request.app[DISPATCHER_KEY].router.explain(name))
+    d = request.app[DISPATCHER_KEY]
+    if not name and headers.ROLE not in request.query and "role" not in request.query:
+        raise BadRequest("name a model, role or alias: /v1/route?model=NAME (and optionally "
+                         "task_type, role, latency, images, tools, prompt_tokens, text)")
+    routing = d.forwarder.routing
+    if routing is None:
+        return json_response(d.router.explain(name))
+    chosen = await routing.explain(features_from_query(request.query))
+    return json_response({**d.router.explain(chosen["target"]), "routing": chosen})
 
 
 async def openai_request(request: web.Request) -> web.StreamResponse:

@@ -111,7 +111,7 @@ class Node:
                      if m.model_id in s.load_seconds]
             out.append(ModelStatus(
                 model_id=m.model_id, roles=list(m.roles), file_size_mb=facts.file_size_mb,
-                memory_need_mb=facts.memory_need_mb,
+                memory_need_mb=facts.memory_need_mb, ctx_size=m.ctx_size,
                 last_load_s=round(max(loads), 4) if loads else None,
                 recent_requests=sum(s.recent_requests(m.model_id) for s in self.slots.values())))
         return out

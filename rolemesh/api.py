@@ -54,6 +54,7 @@ class ModelStatus(WireModel):
     memory_need_mb: int  # weights + KV cache for the configured context
     last_load_s: float | None = None  # measured on this node; None before the first load
     recent_requests: int = 0  # served on this node in the recent window
+    ctx_size: int | None = None  # its context window in tokens; None: unknown
 
 
 class NodeInventory(WireModel):

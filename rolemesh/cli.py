@@ -4,7 +4,8 @@
     rolemesh nodes                  every device: memory, slot state, loaded model, queue
     rolemesh models                 every role, alias and model id served now
     rolemesh route MODEL            which device a request for MODEL would go to, and why
-    rolemesh check-fit FILE.gguf    a model's memory need, and which devices it fits
+    rolemesh check-fit FILE.gguf    a model's memory need per device and in host RAM, and
+                                    where it fits (rolemesh/cli_memory.py)
 
 The dispatcher is at --url or $ROLEMESH_URL (default http://127.0.0.1:8080); a key, when
 the dispatcher wants one, comes from $ROLEMESH_API_KEY. --json prints the raw answer.
@@ -19,10 +20,9 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
+from rolemesh import cli_memory
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -107,27 +107,6 @@ def show_route(route: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_fit(path: Path, ctx_size: int | None, parallel: int, margin: float,
-              nodes: dict[str, Any] | None) -> str:
-    try:
-        facts = read_gguf_facts(path)
-    except (NotAGGUFFile, OSError) as exc:
-        raise CliError(str(exc)) from exc
-    need = estimate_memory_mb(facts, ctx_size, parallel)
-    lines = [f"{path.name}: {facts.architecture}, {facts.n_layer} layers, file "
-             f"{_mb(-(-facts.file_size_bytes // (1024 * 1024)))}, needs about {_mb(need)} "
-             f"with ctx_size {ctx_size or facts.context_length}"]
-    if nodes is not None:
-        rows = []
-        for n in nodes.get("data", []):
-            for d in n["devices"]:
-                total = d["status"]["memory_total_mb"]
-                fits = "?" if total is None else "yes" if need <= total * margin else "no"
-                rows.append([n["node_id"], d["status"]["device_id"], _mb(total), fits])
-        lines += ["", table(rows, ["NODE", "DEVICE", "TOTAL", f"FITS (x{margin:g})"])]
-    return "\n".join(lines)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rolemesh", description="Operate a RoleMesh cluster.")
     p.add_argument("--url", default=os.environ.get("ROLEMESH_URL", DEFAULT_URL),
@@ -140,12 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("route", "explain"):
         r = sub.add_parser(name, help="where a request for MODEL would go, and why")
         r.add_argument("model")
-    f = sub.add_parser("check-fit", help="a GGUF's memory need and where it fits")
-    f.add_argument("gguf", type=Path)
-    f.add_argument("--ctx-size", type=int, default=None)
-    f.add_argument("--parallel", type=int, default=1)
-    f.add_argument("--margin", type=float, default=0.9)
-    f.add_argument("--offline", action="store_true", help="do not ask the dispatcher")
+    cli_memory.add_parser(sub)
     return p
 
 
@@ -154,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     key = os.environ.get("ROLEMESH_API_KEY")
     try:
         if args.command == "check-fit":
-            nodes = None if args.offline else fetch(args.url, "/v1/nodes", key)
-            print(check_fit(args.gguf, args.ctx_size, args.parallel, args.margin, nodes))
-            return 0
+            offline = args.offline or args.device_mb
+            nodes = None if offline else fetch(args.url, "/v1/nodes", key)
+            text, fits = cli_memory.check_fit(args, nodes, table)
+            print(text)
+            return 0 if fits else cli_memory.EXIT_DOES_NOT_FIT
         if args.command == "status":
             data: Any = {"health": fetch(args.url, "/health", key),
                          "nodes": fetch(args.url, "/v1/nodes", key)}
@@ -171,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             query = urllib.parse.urlencode({"model": args.model})
             data = fetch(args.url, f"/v1/route?{query}", key)
             text = show_route(data) if not args.json else ""
-    except CliError as exc:
+    except (CliError, cli_memory.CheckFitError) as exc:
         print(f"rolemesh: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else text)
