@@ -235,7 +235,8 @@ def test_the_compute_buffer_grows_with_ubatch_and_without_flash_attention():
     no_fa = estimate_need(Placement(ctx_size=4096, flash_attn=False), DENSE, ["gpu:0"])
     fa = estimate_need(Placement(ctx_size=4096), DENSE, ["gpu:0"])
     # without flash attention the scores are materialised: n_kv * n_ub * 4 B * 16 heads
-    gap = no_fa.per_device["gpu:0"].compute_buffer_bytes - fa.per_device["gpu:0"].compute_buffer_bytes
+    gap = (no_fa.per_device["gpu:0"].compute_buffer_bytes
+           - fa.per_device["gpu:0"].compute_buffer_bytes)
     assert gap >= 4096 * 512 * 4 * 16 - 20 * 1024 * 512 * 2
 
 
