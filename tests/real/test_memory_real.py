@@ -1,0 +1,77 @@
+"""The memory estimate against the real llama-server's own figures, and a real measurement.
+
+Every case of bench/memory_accuracy.py (dense and MoE tiny models; several context sizes,
+KV cache types, parallel, ubatch, flash attention off, partial gpu_layers, n_cpu_moe and
+cpu_moe) starts llama-server once, about a tenth of a second each for these sizes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from bench.memory_accuracy import CASES, FLOOR_MIB, TOLERANCE, run_case
+from node_agent.backends.host import process_memory_mb
+from node_agent.config import STRUCTURED_FLAGS, ModelConfig
+from node_agent.footprints import Footprints
+from node_agent.llama_argv import build_argv
+from rolemesh.memory_estimate import read_gguf_facts
+from rolemesh.net import free_loopback_port
+from rolemesh.placement_memory import estimate_need
+from rolemesh.tiny_gguf import LETTERS, write_tiny_model
+from tests.waiting import wait_until_sync
+
+pytestmark = pytest.mark.real
+
+MEMORY_FIELDS = ("cache_type_k", "cache_type_v", "mmproj", "n_cpu_moe", "cpu_moe",
+                 "override_tensor")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("memory-models")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_each_component_is_within_10_percent_of_what_llama_cpp_allocated(
+        llama_server_bin, models_dir, case):
+    row = run_case(llama_server_bin, models_dir, case)
+    for component, (estimate, actual) in row.figures.items():
+        assert abs(estimate - actual) <= max(TOLERANCE * actual, FLOOR_MIB), (
+            f"{case.name} {component}: estimate {estimate} MiB, llama.cpp {actual} MiB")
+
+
+def test_the_memory_flags_the_agent_emits_are_llama_servers_own(llama_server_bin):
+    help_text = subprocess.run([str(llama_server_bin), "--help"], capture_output=True,
+                               text=True, timeout=30).stdout
+    for field in MEMORY_FIELDS:
+        for flag in STRUCTURED_FLAGS[field].split():
+            assert f"{flag}," in help_text or f"{flag} " in help_text, (field, flag)
+
+
+def test_a_loaded_model_is_measured_and_the_figure_kept_for_the_next_start(
+        llama_server_bin, tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", charset=LETTERS, n_embd=256, n_layer=4,
+                            n_vocab=20000)
+    model = ModelConfig.model_validate({"model_id": "m", "path": str(path), "ctx_size": 2048,
+                                        "cache_type_k": "q8_0", "threads": 1})
+    argv = build_argv(llama_server_bin, model, free_loopback_port())
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until_sync(lambda: "model loaded" in log.read_text(errors="replace"),
+                        timeout_s=60, what="llama-server to load")
+        measured = process_memory_mb(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    estimate = estimate_need(model, read_gguf_facts(path), ["cpu"]).per_device_mb["cpu"]
+    assert measured is not None
+    # RSS holds the runtime (libraries, the HTTP server) besides the buffers: more than the
+    # estimate, but the same order for a model this small.
+    assert estimate < measured < estimate + 400
+    Footprints(tmp_path / "state").record(model, measured)
+    assert Footprints(tmp_path / "state").lookup(model) == measured
