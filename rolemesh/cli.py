@@ -4,6 +4,7 @@
     rolemesh nodes                  every device: memory, slot state, loaded model, queue
     rolemesh models                 every role, alias and model id served now
     rolemesh route MODEL            which device a request for MODEL would go to, and why
+    rolemesh routing show|set|edit  the routing table: task types, rules (rolemesh/cli_routing.py)
     rolemesh check-fit FILE.gguf    a model's memory need per device and in host RAM, and
                                     where it fits (rolemesh/cli_memory.py)
 
@@ -22,7 +23,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from rolemesh import cli_memory
+from rolemesh import cli_memory, cli_routing
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -120,12 +121,15 @@ def _parser() -> argparse.ArgumentParser:
         r = sub.add_parser(name, help="where a request for MODEL would go, and why")
         r.add_argument("model")
     cli_memory.add_parser(sub)
+    cli_routing.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     key = os.environ.get("ROLEMESH_API_KEY")
+    if args.command == "routing":
+        return cli_routing.run(args, args.url, key, args.json)
     try:
         if args.command == "check-fit":
             offline = args.offline or args.device_mb

@@ -230,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         raw = self.read_body()
         if path not in ("/v1/chat/completions", "/chat/completions", "/v1/completions",
-                        "/completions", "/v1/embeddings", "/embeddings"):
+                        "/completions", "/v1/embeddings", "/embeddings", *OTHER_ENDPOINTS):
             self.send_error_json(404, "File Not Found", "not_found_error")
             return
         if self.refuse_while_loading():
@@ -245,6 +245,8 @@ class Handler(BaseHTTPRequestHandler):
                                  "invalid_request_error")
         elif path.endswith("embeddings"):
             self.embeddings(body)
+        elif path in OTHER_ENDPOINTS:
+            self.send_json(200, other_endpoint(path, body, self.server.options.model_name))
         else:
             self.complete(body, chat=path.endswith("chat/completions"))
 
@@ -363,6 +365,32 @@ class Handler(BaseHTTPRequestHandler):
         tokens = sum(len(str(t).encode()) for t in texts)
         self.send_json(200, {"object": "list", "model": options.model_name, "data": data,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+OTHER_ENDPOINTS = ("/v1/rerank", "/infill", "/v1/messages", "/v1/responses", "/tokenize",
+                   "/detokenize")
+
+
+def other_endpoint(path: str, body: dict[str, Any], model: str) -> dict[str, Any]:
+    """The shape of llama-server's answer on its other endpoints, minimal but real."""
+    if path == "/tokenize":
+        return {"tokens": list(str(body.get("content", "")).encode())}
+    if path == "/detokenize":
+        return {"content": bytes(t % 256 for t in body.get("tokens", [])).decode(errors="replace")}
+    if path == "/v1/rerank":
+        docs = body.get("documents") or []
+        return {"model": model, "object": "list", "results": [
+            {"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]}
+    if path == "/v1/messages":
+        return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+                "model": model, "content": [{"type": "text", "text": "fake"}],
+                "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}}
+    if path == "/v1/responses":
+        return {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "model": model,
+                "status": "completed", "output": [{"type": "message", "role": "assistant",
+                                                   "content": [{"type": "output_text",
+                                                                "text": "fake"}]}]}
+    return {"content": "fake", "model": model, "stop": True}  # /infill
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
