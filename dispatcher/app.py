@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from dispatcher import dashboard, handlers, routing_table
+from dispatcher.access_log import AccessLog
 from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
 from dispatcher.auth import auth_middleware
 from dispatcher.classifier import Classifier
@@ -75,6 +76,8 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
                          else None))],
         client_max_size=config.max_body_bytes)
     app[DISPATCHER_KEY] = Dispatcher(config, registry, router, metrics, forwarder)
+    if config.access_log is not None:
+        forwarder.access_log = AccessLog(config.access_log)
     hub = forwarder.events = app[EVENTS_KEY] = EventHub(
         lambda: {"nodes": cluster_nodes(registry.snapshot()).model_dump(mode="json")["data"]})
     store = app[routing_table.ROUTING_KEY] = routing_table.RoutingTableStore.at_start(
@@ -89,6 +92,7 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await forwarder.start()
+        forwarder.access_log.start()
         expiry = asyncio.create_task(expire_nodes(registry, interval, hub))
         log.info("dispatcher.started", host=config.listen_host, port=config.listen_port,
                  node_timeout_s=config.timeout_s, node_forget_s=config.forget_s,
@@ -104,6 +108,7 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
         expiry.cancel()
         await asyncio.gather(expiry, return_exceptions=True)
         await forwarder.close()
+        forwarder.access_log.close()
         log.info("dispatcher.stopped")
 
     app.cleanup_ctx.append(lifetime)

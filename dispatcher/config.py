@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from dispatcher.access_log import AccessLogConfig
 from rolemesh.routing_rules import RoutingTable
 
 TOKEN_ENV = "ROLEMESH_CLUSTER_TOKEN"
@@ -53,6 +54,8 @@ class DispatcherConfig(StrictModel):
     api_keys: list[str] | None = Field(default=None, repr=False)
     # Keys that may change the cluster (PUT /v1/routing); the cluster token may too.
     admin_keys: list[str] | None = Field(default=None, repr=False)
+    # One JSON line per request (dispatcher/access_log.py); None: off.
+    access_log: AccessLogConfig | None = None
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

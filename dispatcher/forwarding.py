@@ -25,6 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from dispatcher.access_log import NO_ACCESS_LOG, AccessLog, NoAccessLog
 from dispatcher.events import EventHub
 from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
 from dispatcher.registry import Key, NodeRecord, Registry
@@ -114,6 +115,7 @@ class Forwarder:
         self.max_body_bytes = max_body_bytes
         self.busy_retry_after_s = busy_retry_after_s
         self.events: EventHub | None = None  # set by build_app: request.done events
+        self.access_log: AccessLog | NoAccessLog = NO_ACCESS_LOG  # build_app sets a real one
         self.routing: RequestRouting | None = None  # set by build_app: the routing table
         # sock_read bounds the wait for each read (a whole stream may take longer).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
@@ -172,6 +174,7 @@ class Forwarder:
         finally:
             # The model stays bound for request.done; the middleware unbinds it after.
             finish(trace, self.metrics, self.events)
+            self.access_log.record(trace, request)
 
     async def _forward(self, request: web.Request, body: bytes, head: OpenAIRequestHead,
                        resolution: Resolution, label: str) -> web.StreamResponse:
@@ -250,6 +253,7 @@ class Forwarder:
             if state is not None:
                 registry.observe(key, *state)
             data = await read_whole(upstream)
+            self.access_log.saw_body(request, data)
             if upstream.status == 503:
                 code = error_code(data)
                 if code in FAILOVER_CODES:
@@ -270,6 +274,7 @@ class Forwarder:
         trace = request[TRACE_KEY]
         trace.status = upstream.status
         timed: Any = TimedUpstream(upstream, trace)  # notes when the first chunk arrives
+        timed = self.access_log.tap(request, timed)  # keeps its usage for the access log
         response = await stream_back(request, timed, extra)
         # stream_back ends a broken stream with an SSE error event: the upstream body then
         # never reached its end (a clean stream's did; release() cannot undo that).
