@@ -279,9 +279,9 @@ async def test_a_classifier_role_gives_the_task_type_and_its_default_when_it_fai
 
 
 async def test_every_llama_server_endpoint_is_routed_and_names_the_model(tmp_path):
-    async with cluster(tmp_path) as (d, client, s, agents):
-        for path in ("/v1/embeddings", "/v1/rerank", "/infill", "/v1/messages", "/v1/responses", "/tokenize",
-                     "/detokenize", "/v1/completions"):
+    async with cluster(tmp_path) as (d, _, s, agents):
+        for path in ("/v1/embeddings", "/v1/rerank", "/infill", "/v1/messages",
+                     "/v1/responses", "/tokenize", "/detokenize", "/v1/completions"):
             async with s.post(d.url + path, json={"model": "builder", "prompt": "x"}) as resp:
                 assert resp.status == 200, path
                 assert resp.headers["X-RoleMesh-Target"] == "builder"
