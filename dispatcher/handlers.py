@@ -14,7 +14,6 @@ from dispatcher.metrics import CONTENT_TYPE
 from dispatcher.request_routing import features_from_query
 from dispatcher.roles import model_list
 from dispatcher.views import cluster_node, cluster_nodes
-from rolemesh import headers
 from rolemesh.api import (
     SCHEMA_VERSION,
     HeartbeatRequest,
