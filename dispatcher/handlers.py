@@ -117,7 +117,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def route(request: web.Request) -> web.Response:
     name = request.query.get("model", "")
     d = request.app[DISPATCHER_KEY]
-    if not name and headers.ROLE not in request.query and "role" not in request.query:
+    if not name and "role" not in request.query:
         raise BadRequest("name a model, role or alias: /v1/route?model=NAME (and optionally "
                          "task_type, role, latency, images, tools, prompt_tokens, text)")
     routing = d.forwarder.routing
