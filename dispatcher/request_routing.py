@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from dispatcher.classifier import Classifier
@@ -43,6 +44,8 @@ from rolemesh.routing_rules import (
     find_task_type,
     fit_context,
 )
+
+log = structlog.get_logger("dispatcher.request_routing")
 
 # Headers for the client's answer: the rule that fired, the task type, any fallback.
 ROUTE_HEADERS_KEY = web.RequestKey("rolemesh_route_headers", dict)
@@ -137,6 +140,11 @@ class RequestRouting:
         resolutions = [r for _, r in usable if r is not None]
         resolutions = self._context_fit(head, h, f, table, catalog, resolutions, out)
         known = head.model in self.served(catalog) or head.model in table.task_types
+        if choice.rule != "name" or headers.FALLBACK in out:
+            log.info("request.rule", rule=choice.rule, target=out[headers.TARGET],
+                     task_type=out.get(headers.TASK_TYPE),
+                     task_type_source=out.get(headers.TASK_TYPE_SOURCE),
+                     fallback=out.get(headers.FALLBACK))
         return RoutePlan(choice, f, resolutions, out, known)
 
     def _context_fit(self, head: OpenAIRequestHead, h: Mapping[str, str],

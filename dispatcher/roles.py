@@ -103,8 +103,10 @@ def build_catalog(nodes: Iterable[NodeRecord], aliases: Mapping[str, str], *,
         aliases=dict(aliases), model_ctx=model_ctx)
 
 
-def model_list(catalog: Catalog) -> OpenAIModelList:
-    """OpenAI's list shape: every model id, role and alias the catalog can serve."""
+def model_list(catalog: Catalog, task_types: Mapping[str, str] | None = None
+               ) -> OpenAIModelList:
+    """OpenAI's list shape: every model id, role and alias the catalog can serve, and the
+    routing table's task types whose role it serves (a request's `model` may name one)."""
     data = [OpenAIModel(id=m, roles=list(catalog.model_roles.get(m, ())), kind="model")
             for m in sorted(catalog.model_nodes)]
     data += [OpenAIModel(id=r, kind="role", models=list(ms))
@@ -114,4 +116,10 @@ def model_list(catalog: Catalog) -> OpenAIModelList:
         if resolved is not None and resolved.kind is NameKind.ALIAS:
             data.append(OpenAIModel(id=alias, kind="alias", models=list(resolved.model_ids),
                                     alias_of=catalog.aliases[alias]))
+    listed = {entry.id for entry in data}
+    for task_type, role in sorted((task_types or {}).items()):
+        resolved = catalog.resolve(role)
+        if resolved is not None and task_type not in listed:
+            data.append(OpenAIModel(id=task_type, kind="task_type", role=role,
+                                    models=list(resolved.model_ids)))
     return OpenAIModelList(data=data)

@@ -9,7 +9,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from rolemesh.token_file import read_token_file
 
 Backend = Literal["auto", "cuda", "cpu", "rocm", "metal", "vulkan", "sycl"]
 
@@ -129,6 +138,10 @@ class NodeAgentConfig(StrictModel):
     advertise_url: str | None = None
     dispatcher_base_url: str | None = None
     cluster_token: str | None = Field(default=None, repr=False)
+    # A file holding the token (mode 0600; systemd: $CREDENTIALS_DIRECTORY/cluster_token).
+    cluster_token_file: str | None = None
+    # Browser origins allowed to call the API (CORS); empty: none. "*" allows any.
+    cors_allowed_origins: list[str] = Field(default_factory=list)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     backend: Backend = "auto"
     devices: list[str] | None = None
@@ -152,7 +165,23 @@ class NodeAgentConfig(StrictModel):
         return value.expanduser()
 
     @model_validator(mode="after")
+    def _paths_from_the_config_folder(self, info: ValidationInfo) -> NodeAgentConfig:
+        """A relative model path is read from the config file's folder, not from wherever
+        the agent was started."""
+        source = (info.context or {}).get("source")
+        if source and not str(source).startswith("<"):
+            base = Path(source).resolve().parent
+            for m in self.models:
+                if not m.path.is_absolute():
+                    m.path = base / m.path.expanduser()
+                if m.mmproj is not None and not m.mmproj.is_absolute():
+                    m.mmproj = base / m.mmproj.expanduser()
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> NodeAgentConfig:
+        if self.cluster_token is None and self.cluster_token_file:
+            self.cluster_token = read_token_file(self.cluster_token_file)
         if self.cluster_token is None:
             self.cluster_token = os.environ.get("ROLEMESH_CLUSTER_TOKEN") or None
         seen: set[str] = set()

@@ -28,7 +28,10 @@ def sse_error_event(message: str, code: str = "upstream_failed",
 
 
 def _copy_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+    # CORS headers come from this service's config (rolemesh.cors), never from upstream:
+    # llama-server sends an empty Access-Control-Allow-Origin on every answer.
+    out = {k: v for k, v in upstream.headers.items()
+           if k.lower() not in HOP_BY_HOP and not k.lower().startswith("access-control-")}
     out.update(extra)
     return out
 

@@ -287,3 +287,12 @@ async def test_every_llama_server_endpoint_is_routed_and_names_the_model(tmp_pat
                 assert resp.headers["X-RoleMesh-Target"] == "builder"
             assert agents[1].seen[-1].path == path
             assert agents[1].seen[-1].body["model"] == "coder-14b"
+
+
+async def test_models_lists_the_task_types_a_request_may_name(tmp_path):
+    async with cluster(tmp_path) as (_, client, _, _):
+        listed = {m.id: m for m in (await client.models.list()).data}
+        assert listed["infra"].model_extra["kind"] == "task_type"
+        assert listed["infra"].model_extra["role"] == "operator"
+        assert listed["infra"].model_extra["models"] == ["qwen-3b"]
+        assert listed["builder"].model_extra["kind"] == "role"
