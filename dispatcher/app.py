@@ -17,6 +17,7 @@ from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
 from dispatcher.auth import auth_middleware
 from dispatcher.classifier import Classifier
 from dispatcher.config import DispatcherConfig
+from dispatcher.cooldown import CooldownPolicy
 from dispatcher.events import EVENTS_KEY, EventHub
 from dispatcher.forwarding import OPENAI_PATHS, Forwarder
 from dispatcher.metrics import Metrics
@@ -24,7 +25,6 @@ from dispatcher.registry import Registry
 from dispatcher.request_routing import RequestRouting
 from dispatcher.router import Router
 from dispatcher.views import cluster_nodes
-from rolemesh.cors import setup_cors
 from rolemesh.decision import Policy
 from rolemesh.http import error_middleware, request_context_middleware
 
@@ -69,7 +69,11 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
         registry, router, metrics, cluster_token=config.cluster_token,
         max_attempts=config.max_attempts, max_body_bytes=config.max_body_bytes,
         connect_timeout_s=config.connect_timeout_s, request_timeout_s=config.request_timeout_s,
-        busy_retry_after_s=config.busy_retry_after_s)
+        busy_retry_after_s=config.busy_retry_after_s,
+        first_byte_timeout_s=config.first_byte_timeout_s,
+        stream_idle_timeout_s=config.stream_idle_timeout_s,
+        cooldown=CooldownPolicy(config.cooldown_after_failures, config.cooldown_s,
+                                config.cooldown_max_s), clock=deps.clock)
     app = web.Application(
         middlewares=[request_context_middleware, error_middleware,
                      auth_middleware(config.cluster_token, (
@@ -89,7 +93,6 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
     app[routing_table.SERVED_KEY] = lambda: (router.catalog().servable_names(),
                                              config.aliases)
     setup_routes(app)
-    setup_cors(app, config.cors_allowed_origins)
     interval = deps.expiry_interval_s or min(MAX_EXPIRY_INTERVAL_S, config.timeout_s / 4)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -17,7 +17,6 @@ from pydantic import (
 
 from dispatcher.access_log import AccessLogConfig
 from rolemesh.routing_rules import RoutingTable
-from rolemesh.token_file import read_token_file
 
 TOKEN_ENV = "ROLEMESH_CLUSTER_TOKEN"
 TIMEOUT_HEARTBEATS = 3  # node_timeout_s defaults to this many heartbeat intervals
@@ -36,10 +35,6 @@ class DispatcherConfig(StrictModel):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8080, ge=0, le=65535)
     cluster_token: str | None = Field(default=None, repr=False)
-    # A file holding the token (mode 0600; systemd: $CREDENTIALS_DIRECTORY/cluster_token).
-    cluster_token_file: str | None = None
-    # Browser origins allowed to call the API (CORS); empty: none. "*" allows any.
-    cors_allowed_origins: list[str] = Field(default_factory=list)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     node_timeout_s: float | None = Field(default=None, gt=0)  # None: 3 x heartbeat_interval_s
     node_forget_s: float | None = Field(default=None, gt=0)  # None: 4 x node_timeout_s
@@ -53,6 +48,22 @@ class DispatcherConfig(StrictModel):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Reliability (docs/reliability.md). A streamed request whose agent sends no response
+    # headers for first_byte_timeout_s fails over and the node is suspect until it next
+    # heartbeats; generous, since a cold load may come first. A stream that then sends
+    # nothing for stream_idle_timeout_s ends with one `upstream_timeout` error event.
+    first_byte_timeout_s: float = Field(default=120.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=120.0, gt=0)
+    # A device that fails this many requests in a row is avoided for cooldown_s, doubling
+    # on each further failure up to cooldown_max_s (never when it is the last candidate).
+    cooldown_after_failures: int = Field(default=3, ge=1)
+    cooldown_s: float = Field(default=5.0, gt=0)
+    cooldown_max_s: float = Field(default=60.0, gt=0)
+    # Registration refuses link-local and cloud metadata addresses and URLs with a
+    # user:password part; true lets them register (a lab where agents live there).
+    allow_unsafe_node_urls: bool = False
+    # SIGTERM: stop taking requests, let open ones finish for at most this long, exit 0.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, le=16)
     busy_retry_after_s: float = Field(default=1.0, gt=0)
     default_load_s: float = Field(default=5.0, ge=0)
@@ -114,8 +125,6 @@ class DispatcherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _resolve(self) -> DispatcherConfig:
-        if not self.cluster_token and self.cluster_token_file:
-            self.cluster_token = read_token_file(self.cluster_token_file)
         if not self.cluster_token:
             self.cluster_token = os.environ.get(TOKEN_ENV) or None
         if self.node_timeout_s is None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from dispatcher.access_log import NO_ACCESS_LOG, AccessLog, NoAccessLog
+from dispatcher.cooldown import Avoidance, CooldownPolicy
 from dispatcher.events import EventHub
 from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
 from dispatcher.registry import Key, NodeRecord, Registry
@@ -40,7 +43,7 @@ from dispatcher.roles import Resolution
 from dispatcher.router import Router
 from rolemesh import headers
 from rolemesh.api import SlotState
-from rolemesh.decision import Action
+from rolemesh.decision import Action, Decision
 from rolemesh.errors import (
     DeviceBusy,
     GatewayTimeout,
@@ -51,12 +54,15 @@ from rolemesh.errors import (
 )
 from rolemesh.http import read_body, request_id_of
 from rolemesh.openai_body import OPENAI_PATHS, OpenAIRequestHead, parse_request_head
-from rolemesh.proxying import buffered_response, read_whole, stream_back
+from rolemesh.proxying import StreamEnd, buffered_response, read_whole, relay_stream
 
 log = structlog.get_logger("dispatcher.forwarding")
 
 __all__ = ["OPENAI_PATHS", "Forwarder"]
 FAILOVER_CODES = frozenset({"device_busy", "model_not_ready"})
+# Why an attempt failed over (the `reason` label of the failover counter).
+FAILOVER_REASONS = ("device_busy", "model_not_ready", "connect_failed", "connection_lost",
+                    "upstream_failed", "first_byte_timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +111,10 @@ class Forwarder:
     def __init__(self, registry: Registry, router: Router, metrics: Metrics, *,
                  cluster_token: str | None, max_attempts: int, max_body_bytes: int,
                  connect_timeout_s: float, request_timeout_s: float,
-                 busy_retry_after_s: float) -> None:
+                 busy_retry_after_s: float, first_byte_timeout_s: float | None = None,
+                 stream_idle_timeout_s: float | None = None,
+                 cooldown: CooldownPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.router = router
         self.metrics = metrics
@@ -120,6 +129,16 @@ class Forwarder:
         # sock_read bounds the wait for each read (a whole stream may take longer).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                               sock_read=request_timeout_s)
+        # A stream's reads are bounded by first_byte_timeout_s (the headers) and then by
+        # stream_idle_timeout_s (each chunk), both applied around the reads.
+        self.first_byte_timeout_s = first_byte_timeout_s
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s,
+            sock_read=None if first_byte_timeout_s else request_timeout_s)
+        self.avoidance = Avoidance(cooldown or CooldownPolicy())
+        self._clock = clock
+        metrics.known_failover_reasons(FAILOVER_REASONS)
         # The client's Authorization never travels on: agents get the cluster token.
         self._base_headers = {"Content-Type": "application/json"}
         if cluster_token:
@@ -183,7 +202,7 @@ class Forwarder:
         excluded: list[Key] = []
         retries: list[Retry] = []
         for _ in range(self.max_attempts):
-            decision = self.router.decide(resolution, excluded)
+            decision = self._decide(resolution, excluded)
             self.metrics.decision(decision)
             winner = decision.winner
             if winner is None:
@@ -214,6 +233,32 @@ class Forwarder:
                      reason=result.reason, note=result.note)
         raise self._exhausted(resolution.name, retries)
 
+    def _decide(self, resolution: Resolution, excluded: list[Key]) -> Decision:
+        """The decision without cooled or suspect devices, or with them if none is left."""
+        avoided = self.avoidance.avoided(self._clock(), self._node_info)
+        if avoided:
+            decision = self.router.decide(resolution, [*excluded, *avoided])
+            if decision.winner is not None:
+                return decision
+        return self.router.decide(resolution, excluded)
+
+    def _node_info(self, node_id: str) -> tuple[float, tuple[str, ...]] | None:
+        node = self.registry.node(node_id)
+        return None if node is None else (node.last_seen, node.device_ids)
+
+    def avoiding(self) -> dict[str, object]:
+        """What the forwarder avoids now, for /v1/nodes and /v1/route: cool-downs (seconds
+        left per "node/device") and suspect nodes."""
+        now = self._clock()
+        cooling = self.avoidance.cooldowns(now)
+        return {"cooldowns": {f"{n}/{d}": left for (n, d), left in sorted(cooling.items())},
+                "suspects": self.avoidance.suspects(
+                    lambda n: (node.last_seen if (node := self.registry.node(n)) else None))}
+
+    def _failed(self, key: Key) -> None:
+        if self.avoidance.failure(key, self._clock()) is not None:
+            self.metrics.cooldowns.inc()
+
     async def _attempt(self, request: web.Request, node: NodeRecord, key: Key, payload: bytes,
                        out: dict[str, str], stream: bool, label: str
                        ) -> web.StreamResponse | Retry:
@@ -228,17 +273,9 @@ class Forwarder:
             url = self._urls.get((node.url, request.path))
             if url is None:
                 url = self._urls[(node.url, request.path)] = URL(node.url + request.path)
-            try:
-                upstream = await http.post(url, data=payload, headers=out,
-                                           timeout=self._timeout)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                self._mark_down(key[0], f"connect failed: {exc}")
-                return Retry("connect_failed", f"{where}: cannot connect: {exc}")
-            except TimeoutError as exc:
-                raise GatewayTimeout(f"{where} did not answer in time") from exc
-            except (aiohttp.ClientError, OSError) as exc:
-                return Retry("connection_lost",
-                             f"{where}: connection lost before the answer: {exc!r}")
+            upstream = await self._open(http, url, payload, out, key, stream)
+            if isinstance(upstream, Retry):
+                return upstream
             state = observed_state(upstream.headers, key)
             extra = {headers.ROUTED_TO: where, headers.REQUEST_ID: out[headers.REQUEST_ID],
                      **request.get(ROUTE_HEADERS_KEY, {})}
@@ -254,11 +291,9 @@ class Forwarder:
                 registry.observe(key, *state)
             data = await read_whole(upstream)
             self.access_log.saw_body(request, data)
-            if upstream.status == 503:
-                code = error_code(data)
-                if code in FAILOVER_CODES:
-                    return Retry(code, f"{where}: {code}",
-                                 retry_after(upstream.headers.get(headers.RETRY_AFTER)))
+            retry = self._retry_for(upstream, data, key)
+            if retry is not None:
+                return retry
             trace = request[TRACE_KEY]
             trace.status = upstream.status
             trace.outcome = (RequestOutcome.OK if upstream.status < 400
@@ -269,23 +304,72 @@ class Forwarder:
             if counted:
                 registry.end(key)
 
+    async def _open(self, http: aiohttp.ClientSession, url: URL, payload: bytes,
+                    out: dict[str, str], key: Key, stream: bool
+                    ) -> aiohttp.ClientResponse | Retry:
+        """Send the request and wait for the agent's response headers (the first byte)."""
+        where = f"{key[0]}/{key[1]}"
+        bound = self.first_byte_timeout_s if stream else None
+        waited = asyncio.timeout(bound)
+        try:
+            async with waited:
+                return await http.post(url, data=payload, headers=out,
+                                       timeout=self._stream_timeout if stream else self._timeout)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            self._failed(key)
+            self._mark_down(key[0], f"connect failed: {exc}")
+            return Retry("connect_failed", f"{where}: cannot connect: {exc}")
+        except TimeoutError as exc:
+            if not waited.expired():
+                raise GatewayTimeout(f"{where} did not answer in time") from exc
+            # Accepted and then silent: a frozen host, a black hole. Avoid the node until
+            # it heartbeats again (a frozen one will not).
+            self._failed(key)
+            self.avoidance.suspect(key[0], self._clock())
+            self.metrics.suspects.inc()
+            return Retry("first_byte_timeout", f"{where}: no answer within {bound:g} s")
+        except (aiohttp.ClientError, OSError) as exc:
+            self._failed(key)
+            return Retry("connection_lost",
+                         f"{where}: connection lost before the answer: {exc!r}")
+
+    def _retry_for(self, upstream: aiohttp.ClientResponse, data: bytes, key: Key
+                   ) -> Retry | None:
+        """Whether a buffered answer lets the next device try; counts it for cool-downs."""
+        where = f"{key[0]}/{key[1]}"
+        if upstream.status == 503:
+            code = error_code(data)
+            if code in FAILOVER_CODES:
+                return Retry(code, f"{where}: {code}",
+                             retry_after(upstream.headers.get(headers.RETRY_AFTER)))
+        elif upstream.status == 502:  # the agent lost its llama-server before answering
+            self._failed(key)
+            return Retry("upstream_failed", f"{where}: {error_code(data) or 'bad gateway'}")
+        if upstream.status < 500:
+            self.avoidance.success(key)
+        return None
+
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       extra: dict[str, str], label: str) -> web.StreamResponse:
         trace = request[TRACE_KEY]
         trace.status = upstream.status
         timed: Any = TimedUpstream(upstream, trace)  # notes when the first chunk arrives
         timed = self.access_log.tap(request, timed)  # keeps its usage for the access log
-        response = await stream_back(request, timed, extra)
-        # stream_back ends a broken stream with an SSE error event: the upstream body then
-        # never reached its end (a clean stream's did; release() cannot undo that).
-        if upstream.content.is_eof():
-            trace.outcome = RequestOutcome.OK
-            self.metrics.request(label, RequestOutcome.OK)
-        else:
-            log.warning("request.stream_broken", error=str(upstream.content.exception()))
-            trace.outcome = RequestOutcome.STREAM_BROKEN
-            self.metrics.request(label, RequestOutcome.STREAM_BROKEN)
-        return response
+        relayed = await relay_stream(request, timed, extra,
+                                     idle_timeout_s=self.stream_idle_timeout_s)
+        key = (str(trace.node_id), str(trace.device_id))
+        if relayed.end is StreamEnd.CLEAN:
+            outcome = RequestOutcome.OK
+            self.avoidance.success(key)
+        elif relayed.end is StreamEnd.CLIENT_GONE:
+            outcome = RequestOutcome.CLIENT_GONE
+        else:  # broken, stalled, or ended by the agent with an error event
+            log.warning("request.stream_broken", end=relayed.end.value, error=relayed.error)
+            outcome = RequestOutcome.STREAM_BROKEN
+            self._failed(key)
+        trace.outcome = outcome
+        self.metrics.request(label, outcome)
+        return relayed.response
 
     def _mark_down(self, node_id: str, why: str) -> None:
         if self.registry.mark_down(node_id, why=why) and self.events is not None:

@@ -11,6 +11,7 @@ from yarl import URL
 from dispatcher.appkeys import DISPATCHER_KEY
 from dispatcher.events import EVENTS_KEY
 from dispatcher.metrics import CONTENT_TYPE
+from dispatcher.node_urls import node_id_problem, node_url_problem
 from dispatcher.request_routing import features_from_query
 from dispatcher.roles import model_list
 from dispatcher.views import cluster_node, cluster_nodes
@@ -71,6 +72,10 @@ async def register(request: web.Request) -> web.Response:
     req = parse_wire(RegisterRequest, await read_body(request, d.config.max_body_bytes))
     check_schema_version(req.inventory.schema_version)
     check_node_url(req.inventory.url)
+    problem = node_id_problem(req.inventory.node_id) or node_url_problem(
+        req.inventory.url, allow_unsafe=d.config.allow_unsafe_node_urls)
+    if problem is not None:
+        raise BadRequest(problem)
     node = d.registry.register(req.inventory)
     d.metrics.registrations.inc()
     request.app[EVENTS_KEY].node_report(node.node_id, req.inventory.devices,
@@ -110,12 +115,8 @@ async def get_node(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    d = request.app[DISPATCHER_KEY]
-    catalog = d.router.catalog(up_only=True)
-    routing = d.forwarder.routing
-    task_types = routing.store.table.task_types if routing is not None else None
-    return json_response(model_list(catalog, task_types).model_dump(mode="json",
-                                                                   exclude_none=True))
+    catalog = request.app[DISPATCHER_KEY].router.catalog(up_only=True)
+    return json_response(model_list(catalog).model_dump(mode="json", exclude_none=True))
 
 
 async def route(request: web.Request) -> web.Response:

@@ -89,6 +89,13 @@ class Metrics:
             "rolemesh_dispatcher_decisions",
             "Routing decisions by action (or outcome, when nothing was chosen)",
             ["action"], registry=self.registry)
+        self.cooldowns = Counter(
+            "rolemesh_dispatcher_cooldowns",
+            "Devices cooled down after failing requests in a row", registry=self.registry)
+        self.suspects = Counter(
+            "rolemesh_dispatcher_suspects",
+            "Nodes made suspect: they accepted a request and sent no first byte in time",
+            registry=self.registry)
         self.registrations = Counter(
             "rolemesh_dispatcher_registrations", "Node registrations accepted",
             registry=self.registry)
@@ -130,6 +137,11 @@ class Metrics:
 
     def decision(self, decision: Decision) -> None:
         self._decision_children[decision.action or decision.outcome].inc()
+
+    def known_failover_reasons(self, reasons: tuple[str, ...]) -> None:
+        """Show each reason at 0 before it first happens (a scrape can then tell 0 from none)."""
+        for reason in reasons:
+            self.failovers.labels(reason)
 
     def failover(self, reason: str) -> None:
         self.failovers.labels(reason).inc()

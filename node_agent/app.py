@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from node_agent.node import ModelFacts, Node
 from node_agent.pidfiles import PidFiles
 from node_agent.registration import run_registration
 from node_agent.slot import DeviceSlot, SlotSettings
-from rolemesh.cors import setup_cors
 from rolemesh.errors import Unauthorized
-from rolemesh.http import bearer_token, error_middleware, request_context_middleware
+from rolemesh.http import error_middleware, request_context_middleware, token_matches
 from rolemesh.net import free_loopback_port
 from rolemesh.openai_body import OPENAI_PATHS
 
@@ -37,8 +35,7 @@ def auth_middleware(token: str | None) -> Callable[[web.Request, Handler],
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is not None and request.path not in OPEN_PATHS:
-            given = bearer_token(request)
-            if given is None or not secrets.compare_digest(given, token):
+            if not token_matches(request, token):
                 raise Unauthorized("this node agent needs 'Authorization: Bearer "
                                    "<cluster_token>'")
         return await handler(request)
@@ -62,7 +59,6 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
                      auth_middleware(config.cluster_token)],
         client_max_size=config.max_body_bytes)
     setup_routes(app)
-    setup_cors(app, config.cors_allowed_origins)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),

@@ -35,6 +35,7 @@ from node_agent.llama_process import LlamaProcess, StartFailed
 from node_agent.pidfiles import PidFiles
 from node_agent.slot_state import check_transition
 from rolemesh.api import SlotState
+from rolemesh.child_env import child_env
 from rolemesh.errors import DeviceBusy, ModelNotReady
 
 log = structlog.get_logger("node_agent.slot")
@@ -286,7 +287,7 @@ class DeviceSlot:
     async def _start_once(self, model: ModelConfig) -> None:
         port = self._free_port()
         argv = build_argv(self._settings.binary, model, port)
-        env = {**os.environ, **self._pin_env}
+        env = {**child_env(os.environ), **self._pin_env}
         self._model = model
         self._set_state(SlotState.STARTING)
         started = self._clock()

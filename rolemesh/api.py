@@ -14,7 +14,7 @@ SCHEMA_VERSION = 1
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SlotState(StrEnum):

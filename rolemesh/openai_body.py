@@ -30,6 +30,8 @@ def parse_request_head(body: bytes) -> OpenAIRequestHead:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # json.loads recurses once per level of nesting
+        raise InvalidJSON("the request body is nested too deeply to read") from exc
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
     model = data.get("model")

@@ -71,6 +71,8 @@ class Knobs:
     die_after_chunks: int | None = None  # drop the connection after this many chunks
     drop_before_answer: bool = False  # drop the connection without answering
     answer_text: str | None = None  # the answer's content instead of node/device/model
+    bad_gateway: bool = False  # answer 502 upstream_failed (its llama-server died first)
+    error_event_after_chunks: int | None = None  # end the stream with an SSE error event
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,9 @@ class FakeAgent:
             assert request.transport is not None
             request.transport.close()
             return web.Response()
+        if knobs.bad_gateway:
+            return self._error(502, "upstream_failed", "fake: llama-server is gone",
+                               self.state_headers(device))
         if knobs.busy or knobs.not_ready:
             code = "device_busy" if knobs.busy else "model_not_ready"
             return self._error(503, code, f"fake {code}", {
@@ -246,6 +251,11 @@ class FakeAgent:
                                                "Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(knobs.stream_chunks):
+            if knobs.error_event_after_chunks is not None and i == knobs.error_event_after_chunks:
+                await response.write(b'data: {"error": {"message": "fake crash", '
+                                     b'"type": "server_error", "code": "upstream_failed"}}\n\n')
+                await response.write_eof()
+                return response
             if knobs.die_after_chunks is not None and i == knobs.die_after_chunks:
                 assert request.transport is not None
                 request.transport.close()

@@ -16,6 +16,11 @@ Knobs, each an environment variable and a flag (the flag wins):
   FAKE_LLAMA_IGNORE_SIGTERM --fake-ignore-sigterm    only SIGKILL stops it
   FAKE_LLAMA_EXIT_AT_START  --fake-exit-at-start C   print an error and exit with code C
   FAKE_LLAMA_RECORD         --fake-record PATH       append {argv, env, pid} as a JSON line
+  FAKE_LLAMA_CLOSE_AFTER_STREAM --fake-close-after-stream  close the connection after each
+                                                     streamed answer while its headers say
+                                                     keep-alive (like the real llama-server)
+  FAKE_LLAMA_STALL_AFTER_TOKENS --fake-stall-after-tokens N  a stream stops sending after N
+                                                     tokens (the connection stays open)
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ KNOBS = {  # flag → (field, environment variable, type)
     "--fake-ignore-sigterm": ("ignore_sigterm", "FAKE_LLAMA_IGNORE_SIGTERM", bool),
     "--fake-exit-at-start": ("exit_at_start", "FAKE_LLAMA_EXIT_AT_START", int),
     "--fake-record": ("record", "FAKE_LLAMA_RECORD", str),
+    "--fake-close-after-stream": ("close_after_stream", "FAKE_LLAMA_CLOSE_AFTER_STREAM", bool),
+    "--fake-stall-after-tokens": ("stall_after_tokens", "FAKE_LLAMA_STALL_AFTER_TOKENS", int),
 }
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "on", "yes"}, {"0", "false", "off", "no", ""}
 
@@ -81,6 +88,8 @@ class Options:
     ignore_sigterm: bool = False
     exit_at_start: int | None = None
     record: str | None = None
+    close_after_stream: bool = False
+    stall_after_tokens: int | None = None
 
     @property
     def stem(self) -> str:
@@ -307,6 +316,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def stream(self, words: list[str], meta: dict[str, Any], usage: dict[str, int] | None, *,
                chat: bool, dies: bool) -> None:
+        options = self.server.options
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")  # keeps the connection reusable
@@ -329,6 +339,9 @@ class Handler(BaseHTTPRequestHandler):
         if chat and not piece(None, role=True):
             return
         for i, word in enumerate(words):
+            if options.stall_after_tokens is not None and i >= options.stall_after_tokens:
+                self.stall()
+                return
             self.pace(i)
             if not piece(word):
                 return  # the client went away: stop generating, like the real server
@@ -338,6 +351,23 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.chunk(b"data: [DONE]\n\n"):
             self.chunk(b"")
+        if options.close_after_stream:
+            # The headers said nothing of closing (HTTP/1.1: keep-alive), as the real one.
+            self.close_connection = True
+
+    def stall(self) -> None:
+        """Send nothing more, keep the connection open, until the client goes away."""
+        log("fake: stalling mid-stream (--fake-stall-after-tokens)")
+        self.connection.settimeout(0.2)
+        while True:
+            try:
+                if self.connection.recv(1) == b"":
+                    break  # the client closed its end
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        self.close_connection = True
 
     def chunk(self, data: bytes) -> bool:
         """Send one chunk of the chunked body (empty = the end); False if the client left."""
