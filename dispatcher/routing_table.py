@@ -168,7 +168,8 @@ async def get_routing(request: web.Request) -> web.Response:
 
 
 async def put_routing(request: web.Request) -> web.Response:
-    may_edit(request, request.app[EDITORS_KEY])
+    editors: tuple[str, ...] = request.app[EDITORS_KEY]
+    may_edit(request, editors)
     store = request.app[ROUTING_KEY]
     table = table_from_body(await read_body(request, MAX_TABLE_BYTES))
     served, declared = request.app[SERVED_KEY]()
