@@ -10,7 +10,7 @@ from rolemesh.config_loading import ConfigError
 from rolemesh.simulate.cluster import ClusterFile, load_cluster_file
 from rolemesh.simulate.engine import simulate
 from rolemesh.simulate.report import Summary, json_lines, markdown_table, ratio_table, summarize
-from rolemesh.simulate.routers import POLICIES
+from rolemesh.simulate.routers import POLICIES, RoleMesh
 from rolemesh.simulate.trace import SYNTHETIC, Trace, log_files, read_access_log, synthetic
 
 DESCRIPTION = """\
@@ -45,9 +45,9 @@ traces (--trace, seeded; --requests sets their size):
   all       every one of the above
   or replay the dispatcher's access log: --access-log PATH (its rotated backups too)
 
-policies (--policy): rolemesh (choose() + today's agent), llama-swap (an operator map
-  that knows the traffic), floor (every model resident everywhere: the best possible),
-  ollama, least-loaded, round-robin.
+policies (--policy): rolemesh (its real choose() and the node agent's own per-device
+  rules), llama-swap (an operator map that knows the traffic), floor (every model
+  resident everywhere: the best possible), ollama, least-loaded, round-robin.
 
 reading the table: one row per trace and policy; with several seeds each cell is
   "median (min-max)". loads: model loads; load GPU-s: device time spent loading;
@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.jsonl is not None:
         args.jsonl.write_text(lines)
+    if any(p.startswith("rolemesh") for p in policies):
+        print(f"rolemesh: the agent's rules are {RoleMesh(cluster).agent_rules}\n")
     print(markdown_table(summaries))
     if "rolemesh" in policies and {"llama-swap", "floor"} & set(policies):
         baselines = [b for b in ("llama-swap", "floor") if b in policies]

@@ -23,6 +23,7 @@ from rolemesh.simulate.planners import (
     Grant,
     InstanceState,
     InstanceView,
+    Reject,
     Resume,
     Start,
     Stop,
@@ -49,6 +50,7 @@ class Listener(Protocol):
     def granted(self, rid: int, key: tuple[str, str], model_id: str, now: float) -> None: ...
     def first_token(self, rid: int, now: float) -> None: ...
     def finished(self, rid: int, key: tuple[str, str], now: float) -> None: ...
+    def refused(self, rid: int, key: tuple[str, str], now: float) -> None: ...
     def loaded(self, key: tuple[str, str], model_id: str, load_s: float) -> None: ...
 
 
@@ -65,6 +67,7 @@ class Instance:
     last_used: float = 0.0
     in_flight: int = 0
     token: int = 0  # which load a "load done" event belongs to
+    draining_for: str | None = None
 
 
 @dataclass
@@ -117,6 +120,8 @@ class DeviceSim:
         self._tick_version = 0
         self._tokens = 0
         self._wakes: set[float] = set()
+        self.demand: Callable[[str, float], int] = lambda model, now: 0  # set by the engine
+        self.margin = 0.9
         self._pumping = False
 
     # -- what routers read ---------------------------------------------------------------
@@ -167,7 +172,7 @@ class DeviceSim:
         try:
             self._advance(now)
             for _ in range(MAX_PLAN_ROUNDS):
-                actions = self.planner.plan(self.snapshot(), self._waiter_views(), now)
+                actions = self.planner.plan(self.snapshot(now), self._waiter_views(), now)
                 if not self._apply(actions, now):
                     break
             else:
@@ -176,13 +181,16 @@ class DeviceSim:
         finally:
             self._pumping = False
 
-    def snapshot(self) -> DeviceSnapshot:
+    def snapshot(self, now: float) -> DeviceSnapshot:
         return DeviceSnapshot(
             device_id=self.key[1], usable_mb=self.usable_mb,
             instances=tuple(InstanceView(i.model_id, i.state, i.in_flight, i.parallel,
-                                         i.memory_mb, i.pinned, i.ready_since, i.last_used)
+                                         i.memory_mb, i.pinned, i.ready_since, i.last_used,
+                                         i.draining_for)
                             for i in self.instances.values()),
-            memory_mb=self.memory_mb, measured_load_s=self.measured_load_s)
+            memory_mb=self.memory_mb, measured_load_s=self.measured_load_s,
+            total_mb=self.memory_total_mb, margin=self.margin, parallel=self.parallel,
+            demand={m: self.demand(m, now) for m in self.memory_mb})
 
     def _waiter_views(self) -> list[WaiterView]:
         return [WaiterView(w.rid, w.model_id, w.enqueued_at) for w in self.waiters]
@@ -200,10 +208,13 @@ class DeviceSim:
                 case Start(model_id=model):
                     self._start(model, now)
                     changed = True
-                case Drain(model_id=model):
-                    changed |= self._set_state(model, InstanceState.DRAINING)
+                case Drain(model_id=model, why=why):
+                    changed |= self._set_state(model, InstanceState.DRAINING, why)
                 case Resume(model_id=model):
                     changed |= self._set_state(model, InstanceState.READY)
+                case Reject(waiter_id=rid):
+                    self._reject(rid, now)
+                    changed = True
                 case WakeAt(at_s=t):
                     self._wake(max(t, now))
                 case _:
@@ -270,12 +281,20 @@ class DeviceSim:
         kind = reason.split(maxsplit=1)[0]
         self.stats.stops[kind] = self.stats.stops.get(kind, 0) + 1
 
-    def _set_state(self, model: str, state: InstanceState) -> bool:
+    def _set_state(self, model: str, state: InstanceState, why: str | None = None) -> bool:
         inst = self.instances.get(model)
         if inst is None or inst.state is InstanceState.STARTING or inst.state is state:
             return False
         inst.state = state
+        inst.draining_for = why if state is InstanceState.DRAINING else None
         return True
+
+    def _reject(self, rid: int, now: float) -> None:
+        index = next((i for i, w in enumerate(self.waiters) if w.rid == rid), None)
+        if index is None:
+            raise SimulationError(f"{self.key}: reject of unknown waiter {rid}")
+        del self.waiters[index]
+        self._listener.refused(rid, self.key, now)
 
     def _wake(self, t: float) -> None:
         if t in self._wakes or math.isinf(t):

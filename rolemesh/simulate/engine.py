@@ -31,6 +31,7 @@ class Request:
     first_t: float
     session: tuple[int, int] | None = None  # (session, call index)
     tries: int = 0
+    admits: int = 0  # times a device queued it (a queue timeout belongs to one of them)
     key: Key | None = None
     model_id: str | None = None
     granted_t: float | None = None
@@ -118,6 +119,9 @@ class Simulation:
                     self.router.planner(), {m: models[m].need_mb for m in served},
                     {m: models[m].parallel for m in served}, self._load_time,
                     self.router.pending_limit, self, self)
+                device = world.devices[key]
+                device.margin = margin
+                device.demand = lambda m, now, n=node.node_id: world.recent(n, m, now)
                 if floor:
                     for m in served:
                         if fits(models[m].need_mb, spec.memory_mb, margin):
@@ -152,10 +156,12 @@ class Simulation:
                 break
             device = self.world.devices[route.key]
             req.key = route.key
+            req.admits += 1
+            admit = req.admits
             if device.admit(Waiter(req.rid, route.model_id, now, self._work_fn(req, device)),
                             now):
                 timeout = self.cluster.agent.queue_timeout_s
-                self.at(now + timeout, lambda t, d=device: self._timeout(req, d, t))
+                self.at(now + timeout, lambda t, d=device, a=admit: self._timeout(req, d, a, t))
                 return
             excluded.append(route.key)
         req.key = None
@@ -180,8 +186,10 @@ class Simulation:
             return work_of(model, spec, prompt, completion)
         return work
 
-    def _timeout(self, req: Request, device: DeviceSim, now: float) -> None:
-        if req.outcome is None and req.granted_t is None and device.abandon(req.rid, now):
+    def _timeout(self, req: Request, device: DeviceSim, admit: int, now: float) -> None:
+        if req.admits != admit or req.outcome is not None or req.granted_t is not None:
+            return
+        if device.abandon(req.rid, now):
             self._end(req, "timed_out", now)
 
     def _end(self, req: Request, outcome: str, now: float) -> None:
@@ -202,6 +210,17 @@ class Simulation:
         req.model_id = model_id
         req.key = key
         self.world.record_grant(key[0], model_id, now)
+
+    def refused(self, rid: int, key: Key, now: float) -> None:
+        """The device's planner refused a waiting request: a 503, which the client retries."""
+        req = self.requests[rid]
+        req.key = None
+        if req.tries < self.cluster.client.retries:
+            req.tries += 1
+            self.at(now + self.cluster.dispatcher.busy_retry_after_s,
+                    lambda t: self._arrive(req, t))
+        else:
+            self._end(req, "rejected", now)
 
     def first_token(self, rid: int, now: float) -> None:
         self.requests[rid].first_token_t = now

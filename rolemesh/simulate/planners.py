@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -43,6 +43,7 @@ class InstanceView:
     pinned: bool
     ready_since: float | None  # None while starting
     last_used: float  # last grant or finish (or load done)
+    draining_for: str | None = None  # the reason its Drain gave
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,10 @@ class DeviceSnapshot:
     instances: tuple[InstanceView, ...]
     memory_mb: Mapping[str, int]  # model id -> need, for every model this device may run
     measured_load_s: Mapping[str, float]  # model id -> its last load here (absent: never)
+    total_mb: int | None = None  # None: unknown
+    margin: float = 0.9
+    parallel: Mapping[str, int] = field(default_factory=dict)  # model id -> its slots
+    demand: Mapping[str, int] = field(default_factory=dict)  # model -> recent requests (node)
 
     def instance(self, model_id: str) -> InstanceView | None:
         return next((i for i in self.instances if i.model_id == model_id), None)
@@ -84,6 +89,7 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class Drain:
     model_id: str
+    why: str = "switch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +98,19 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class Reject:
+    """Refuse a waiting request (a 503: the client may retry)."""
+
+    waiter_id: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class WakeAt:
     at_s: float
 
 
-Action = Grant | Start | Stop | Drain | Resume | WakeAt
+Action = Grant | Start | Stop | Drain | Resume | Reject | WakeAt
 
 
 class DevicePlanner(Protocol):

@@ -1,7 +1,9 @@
 """Cluster policies: which device a request goes to, and which planner each device runs.
 
-- `rolemesh`      the real `rolemesh.decision.choose()` on `views.device_views`, today's node
-                  agent on each device (`planners.TodaysAgent`), the dispatcher's failover.
+- `rolemesh`      the real `rolemesh.decision.choose()` on `views.device_views`, the node
+                  agent's own rules on each device (`rolemesh.planner` through
+                  `residency_adapter` when it exists, else `planners.TodaysAgent`: slot.py),
+                  the dispatcher's failover.
 - `round-robin`   the next device in turn that fits the model; FIFO, one model per device.
 - `least-loaded`  the device with the shortest queue that fits; FIFO, one model per device.
 - `ollama`        the device already holding the model, else the first with free memory,
@@ -23,10 +25,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from rolemesh.decision import Action, Outcome, Policy, choose
+from rolemesh.simulate import residency_adapter
 from rolemesh.simulate.cluster import ClusterFile
 from rolemesh.simulate.planners import DevicePlanner, QueuePlanner, TodaysAgent
 from rolemesh.simulate.trace import Trace, mean_service_s
-from rolemesh.simulate.views import Key, World, device_views
+from rolemesh.simulate.views import RESIDENTS, Key, World, device_views
 from rolemesh.simulate.world import fits
 
 OLLAMA_QUEUE = 512  # OLLAMA_MAX_QUEUE's default
@@ -72,13 +75,23 @@ def _fitting(world: World, model_ids: Sequence[str], excluded: Collection[Key]
 
 
 class RoleMesh:
-    name = "rolemesh"
     preload_all = False
 
-    def __init__(self, cluster: ClusterFile) -> None:
+    def __init__(self, cluster: ClusterFile, *, slot_rules: bool = False) -> None:
+        self.name = "rolemesh-slot" if slot_rules else "rolemesh"
         self.max_attempts = cluster.dispatcher.max_attempts
         self.pending_limit: int | None = cluster.agent.pending_limit
-        self._planner = TodaysAgent(cluster.agent.max_switch_wait_s)
+        self._planner: DevicePlanner
+        # The agent's own rules: the residency planner once it exists, else slot.py's.
+        self.co_residency = residency_adapter.available() and RESIDENTS and not slot_rules
+        if self.co_residency:
+            self._planner = residency_adapter.ResidencyPlanner(
+                patience_s=cluster.agent.max_switch_wait_s,
+                default_load_s=cluster.dispatcher.default_load_s)
+            self.agent_rules = "rolemesh.planner"
+        else:
+            self._planner = TodaysAgent(cluster.agent.max_switch_wait_s)
+            self.agent_rules = "node_agent/slot.py (one model per device)"
         self._policy = Policy(memory_safety_margin=cluster.dispatcher.memory_safety_margin,
                               busy_retry_after_s=cluster.dispatcher.busy_retry_after_s)
 
@@ -87,8 +100,8 @@ class RoleMesh:
 
     def route(self, world: World, model_ids: Sequence[str], now: float,
               excluded: Collection[Key]) -> Route | Refusal:
-        decision = choose(model_ids, device_views(world, model_ids, now, excluded),
-                          self._policy)
+        decision = choose(model_ids, device_views(world, model_ids, now, excluded,
+                                                  self.co_residency), self._policy)
         winner = decision.winner
         if winner is None:
             kind = {Outcome.FITS_NOWHERE: "fits_nowhere",
@@ -266,7 +279,11 @@ class Floor:
         return Route(key, model)
 
 
-POLICIES = ("rolemesh", "llama-swap", "floor", "ollama", "least-loaded", "round-robin")
+# rolemesh-slot: the decision with node_agent/slot.py's one-model-per-device rules, once
+# the agent has rules of its own to compare them with.
+POLICIES = ("rolemesh", *(("rolemesh-slot",) if residency_adapter.available() and RESIDENTS
+                          else ()),
+            "llama-swap", "floor", "ollama", "least-loaded", "round-robin")
 
 
 def make_router(name: str, world: World, trace: Trace) -> Router:
@@ -274,6 +291,8 @@ def make_router(name: str, world: World, trace: Trace) -> Router:
     match name:
         case "rolemesh":
             return RoleMesh(cluster)
+        case "rolemesh-slot":
+            return RoleMesh(cluster, slot_rules=True)
         case "round-robin":
             return RoundRobin()
         case "least-loaded":

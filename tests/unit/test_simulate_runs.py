@@ -31,7 +31,7 @@ def test_every_trace_and_policy_accounts_for_every_request(cluster, trace):
         s = summarize(simulate(cluster, policy, t))
         assert s.requests == t.calls
         assert s.ok + s.rejected + s.timed_out + s.unservable == s.requests
-        assert s.ok > 0
+        assert s.ok
         if policy == "floor":
             assert s.loads == 0
 
@@ -46,7 +46,8 @@ def test_the_same_seed_gives_the_same_figures_and_another_seed_others(cluster):
 
 def test_agents_alternate_planner_then_coder(cluster):
     t = synthetic("agents", cluster, 1, 200)
-    assert t.sessions and not t.arrivals
+    assert t.sessions
+    assert not t.arrivals
     for s in t.sessions:
         assert [c.name for c in s.calls[:4]] == ["planner", "coder", "planner", "coder"]
 
@@ -59,7 +60,7 @@ def test_the_overload_window_is_its_top_role_in_the_middle_third(cluster):
     outside = [a for a in t.arrivals if not end / 3 <= a.t < 2 * end / 3]
     share = sum(a.call.name == top for a in middle) / len(middle)
     assert share > 0.7
-    assert len(middle) > 2 * len(outside) / 2  # the window is busier than the rest
+    assert len(middle) > len(outside) / 2  # busier than an average third
 
 
 def test_the_one_gpu_trace_runs_on_the_first_device_alone(cluster):
