@@ -25,6 +25,7 @@ from dispatcher.registry import Registry
 from dispatcher.request_routing import RequestRouting
 from dispatcher.router import Router
 from dispatcher.views import cluster_nodes
+from rolemesh.cors import setup_cors
 from rolemesh.decision import Policy
 from rolemesh.http import error_middleware, request_context_middleware
 
@@ -93,6 +94,7 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
     app[routing_table.SERVED_KEY] = lambda: (router.catalog().servable_names(),
                                              config.aliases)
     setup_routes(app)
+    setup_cors(app, config.cors_allowed_origins)
     interval = deps.expiry_interval_s or min(MAX_EXPIRY_INTERVAL_S, config.timeout_s / 4)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:

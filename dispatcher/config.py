@@ -17,6 +17,7 @@ from pydantic import (
 
 from dispatcher.access_log import AccessLogConfig
 from rolemesh.routing_rules import RoutingTable
+from rolemesh.token_file import read_token_file
 
 TOKEN_ENV = "ROLEMESH_CLUSTER_TOKEN"
 TIMEOUT_HEARTBEATS = 3  # node_timeout_s defaults to this many heartbeat intervals
@@ -35,6 +36,10 @@ class DispatcherConfig(StrictModel):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8080, ge=0, le=65535)
     cluster_token: str | None = Field(default=None, repr=False)
+    # A file holding the token (mode 0600; systemd: $CREDENTIALS_DIRECTORY/cluster_token).
+    cluster_token_file: str | None = None
+    # Browser origins allowed to call the API (CORS); empty: none. "*" allows any.
+    cors_allowed_origins: list[str] = Field(default_factory=list)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     node_timeout_s: float | None = Field(default=None, gt=0)  # None: 3 x heartbeat_interval_s
     node_forget_s: float | None = Field(default=None, gt=0)  # None: 4 x node_timeout_s
@@ -125,6 +130,8 @@ class DispatcherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _resolve(self) -> DispatcherConfig:
+        if not self.cluster_token and self.cluster_token_file:
+            self.cluster_token = read_token_file(self.cluster_token_file)
         if not self.cluster_token:
             self.cluster_token = os.environ.get(TOKEN_ENV) or None
         if self.node_timeout_s is None:

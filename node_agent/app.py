@@ -18,6 +18,7 @@ from node_agent.node import ModelFacts, Node
 from node_agent.pidfiles import PidFiles
 from node_agent.registration import run_registration
 from node_agent.slot import DeviceSlot, SlotSettings
+from rolemesh.cors import setup_cors
 from rolemesh.errors import Unauthorized
 from rolemesh.http import error_middleware, request_context_middleware, token_matches
 from rolemesh.net import free_loopback_port
@@ -59,6 +60,7 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
                      auth_middleware(config.cluster_token)],
         client_max_size=config.max_body_bytes)
     setup_routes(app)
+    setup_cors(app, config.cors_allowed_origins)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),

@@ -179,6 +179,20 @@ class NodeAgentConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _paths_from_the_config_folder(self, info: ValidationInfo) -> NodeAgentConfig:
+        """A relative model path is read from the config file's folder, not from wherever
+        the agent was started."""
+        source = (info.context or {}).get("source")
+        if source and not str(source).startswith("<"):
+            base = Path(source).resolve().parent
+            for m in self.models:
+                if not m.path.is_absolute():
+                    m.path = base / m.path.expanduser()
+                if m.mmproj is not None and not m.mmproj.is_absolute():
+                    m.mmproj = base / m.mmproj.expanduser()
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> NodeAgentConfig:
         if self.cluster_token is None and self.cluster_token_file:
             self.cluster_token = read_token_file(self.cluster_token_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -10,6 +11,20 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as booleans,
+    which turned `--reasoning: off` in server_args into false, a dropped flag; here it
+    stays the string "off" (typed fields such as flash_attn still accept on/off)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
 
 
 class _Yaml12Loader(yaml.SafeLoader):
