@@ -138,7 +138,7 @@ class RequestRouting:
             out[headers.FALLBACK] = f"{choice.target}->{usable[0][0]} (model_not_found)"
             out[headers.TARGET] = usable[0][0]
         resolutions = [r for _, r in usable if r is not None]
-        resolutions = self._context_fit(head, h, f, table, catalog, resolutions, out)
+        resolutions = self._context_fit(head, h, f, choice, table, catalog, resolutions, out)
         known = head.model in self.served(catalog) or head.model in table.task_types
         if choice.rule != "name" or headers.FALLBACK in out:
             log.info("request.rule", rule=choice.rule, target=out[headers.TARGET],
@@ -148,7 +148,8 @@ class RequestRouting:
         return RoutePlan(choice, f, resolutions, out, known)
 
     def _context_fit(self, head: OpenAIRequestHead, h: Mapping[str, str],
-                     f: RequestFeatures, table: RoutingTable, catalog: Catalog,
+                     f: RequestFeatures, choice: RouteChoice, table: RoutingTable,
+                     catalog: Catalog,
                      resolutions: list[Resolution], out: dict[str, str]) -> list[Resolution]:
         """Drop models whose context cannot hold the prompt; move on to a roomier role."""
         ctx = catalog.model_ctx
@@ -158,7 +159,10 @@ class RequestRouting:
             f = features_from_body(head.data, head.model, head.stream, h,
                                    chars_per_token=table.chars_per_token)
         candidates = [r.name for r in resolutions]
-        candidates += [n for n in table.named_roles() if n not in candidates]
+        if choice.rule.startswith("override:"):
+            candidates = candidates[:1]  # the client chose: a clear 400 rather than another
+        else:
+            candidates += [n for n in table.named_roles() if n not in candidates]
         by_name = {r.name: r for r in resolutions}
         for n in candidates:
             if n not in by_name and (r := catalog.resolve(n)) is not None:

@@ -47,11 +47,15 @@ def task(cluster: Any, task_type: str) -> str:
 
 def test_the_table_edited_with_the_cli_takes_effect_at_once_and_survives_a_restart(
         tmp_path, tiny_models, fake_llama_server_bin):
-    extra = {"admin_keys": [ADMIN], "routing": TABLE}
+    extra = {"admin_keys": [ADMIN], "routing": TABLE, "roles": {"plan": "architect"}}
     with start_cluster(tmp_path, fake_llama_server_bin, agents(tiny_models),
                        dispatcher_extra=extra) as cluster:
         url = cluster.dispatcher.url
         assert task(cluster, "implementation") == "small"
+        assert "config.deprecated_key" in cluster.dispatcher.log()  # `roles:` is `aliases:`
+        planned = cluster.client().chat.completions.with_raw_response.create(
+            model="plan", messages=MSG, max_tokens=2)
+        assert routed_node(planned) == "big"
 
         shown = rolemesh(url, "routing", "show")
         assert shown.returncode == 0, shown.stderr

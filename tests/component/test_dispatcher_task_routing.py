@@ -145,6 +145,10 @@ async def test_a_long_prompt_reaches_the_large_model_or_a_fallback_with_room(tmp
         assert err.value.code == "context_length_exceeded"
         assert "about 50" in err.value.message
         assert "32768 tokens" in err.value.message
+        with pytest.raises(openai.BadRequestError) as err:  # an override is not moved
+            await chat(client, "qwen-3b", "word " * 2000)
+        assert err.value.code == "context_length_exceeded"
+        assert "1024 tokens" in err.value.message
 
 
 async def test_a_role_that_fits_nowhere_falls_back(tmp_path):
