@@ -27,7 +27,9 @@ def probe(binary: Path, model: Path, args: list[str],
           timeout_s: float = 30.0) -> tuple[LlamaMemoryFigures, str]:
     """(the figures llama-server printed, its log) for one start with these flags."""
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1",
-            "--port", str(free_loopback_port()), "-t", "1", "-lv", "4", "--no-warmup", *args]
+            "--port", str(free_loopback_port()), "-t", "1", "-lv", "4", *args]
+    if "--mmproj" not in args:
+        argv.append("--no-warmup")  # a projector reserves its compute buffer while warming up
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,

@@ -20,15 +20,21 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench.llama_probe import probe
 from node_agent.llama_binary import llama_server_from_env
 from rolemesh.memory_estimate import MIB, GGUFFacts, read_gguf_facts
-from rolemesh.placement_memory import MemoryBreakdown, Placement, estimate_need, output_bytes
-from rolemesh.tiny_gguf import LETTERS, write_tiny_model
+from rolemesh.placement_memory import (
+    MemoryBreakdown,
+    Placement,
+    estimate_need,
+    output_bytes,
+    projector_size,
+)
+from rolemesh.tiny_gguf import LETTERS, write_tiny_model, write_tiny_projector
 
 TOLERANCE = 0.10
 FLOOR_MIB = 0.5  # llama.cpp prints MiB with 2 decimals; a tiny buffer is judged on this floor
@@ -41,6 +47,7 @@ class Case:
     placement: Placement
     devices: tuple[str, ...] = ("cpu",)
     quick: bool = False
+    projector: dict[str, Any] | None = None  # write_tiny_projector's arguments
 
 
 def _p(**kwargs: Any) -> Placement:
@@ -76,6 +83,11 @@ CASES = (
     Case("moe-16x c2048 q8_0/f16 fa-off", MOE_WIDE, _p(ctx_size=2048, cache_type_k="q8_0",
                                                       flash_attn=False)),
     Case("moe-16x c8192 ub1024", MOE_WIDE, _p(ctx_size=8192, ubatch_size=1024)),
+    Case("vision-256 c2048 mmproj 224/14 x2", DENSE_GQA, _p(ctx_size=2048),
+         projector={"n_embd": 256, "n_layer": 2, "image_size": 224, "patch_size": 14}),
+    Case("vision-384 c1024 mmproj 224/14 x6", DENSE_GQA, _p(ctx_size=1024),
+         projector={"n_embd": 384, "n_layer": 6, "image_size": 224, "patch_size": 14,
+                    "n_ff": 1536, "n_head": 6}, quick=True),
 )
 
 
@@ -95,6 +107,8 @@ def llama_args(p: Placement) -> list[str]:
         args.append("--cpu-moe")
     if p.n_cpu_moe:
         args += ["--n-cpu-moe", str(p.n_cpu_moe)]
+    if p.mmproj is not None:
+        args += ["--mmproj", str(p.mmproj)]
     return args
 
 
@@ -137,18 +151,29 @@ def estimate_figures(case: Case, facts: GGUFFacts,
 
 
 def run_case(binary: Path, directory: Path, case: Case) -> Row:
-    path = directory / (case.name.split()[0] + ".gguf")
+    stem = case.name.split()[0]
+    path = directory / f"{stem}.gguf"
     if not path.exists():
         write_tiny_model(path, charset=LETTERS, context_length=8192, **case.model)
-    figures, _ = probe(binary, path, llama_args(case.placement))
+    placement, projector = case.placement, 0
+    if case.projector is not None:
+        mmproj = write_tiny_projector(directory / f"{stem}-mmproj.gguf",
+                                      text_n_embd=case.model["n_embd"], **case.projector)
+        placement = replace(placement, mmproj=mmproj)
+        projector = projector_size(placement)
+    figures, _ = probe(binary, path, llama_args(placement))
     facts = read_gguf_facts(path)
-    estimate = estimate_figures(case, facts, estimate_need(case.placement, facts, case.devices))
+    estimate = estimate_figures(case, facts, estimate_need(placement, facts, case.devices,
+                                                           projector_bytes=projector))
     row = Row(case.name)
     row.figures["weights"] = (estimate["weights"], sum(figures.model_mib.values()))
     row.figures["kv_cache"] = (estimate["kv_cache"], sum(figures.kv_mib.values()))
     row.figures["compute+output"] = (estimate["compute+output"],
                                      sum(figures.compute_mib.values())
                                      + sum(figures.output_mib.values()))
+    if case.projector is not None:
+        row.figures["projector"] = (_mib(projector), (figures.projector_model_mib or 0.0)
+                                    + sum(figures.projector_compute_mib.values()))
     return row
 
 
@@ -157,11 +182,15 @@ def run(binary: Path, directory: Path, quick: bool = False) -> list[Row]:
 
 
 def markdown(rows: list[Row]) -> str:
-    head = "| model, config | weights est / llama.cpp MiB | KV cache | compute + output | ok |"
-    lines = [head, "|---|---|---|---|---|"]
+    head = ("| model, config | weights est / llama.cpp MiB | KV cache | compute + output "
+            "| projector | ok |")
+    lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
         cells = []
-        for component in ("weights", "kv_cache", "compute+output"):
+        for component in ("weights", "kv_cache", "compute+output", "projector"):
+            if component not in r.figures:
+                cells.append("")
+                continue
             estimate, actual = r.figures[component]
             error = (estimate - actual) / actual * 100 if actual else 0.0
             cells.append(f"{estimate:.2f} / {actual:.2f} ({error:+.1f}%)")

@@ -15,25 +15,33 @@ device group. It follows llama.cpp's own placement rules (llama_model::load_tens
   host memory, n_cpu_moe the experts of blocks 0..N-1;
 - a layer's KV cache lives on that layer's device (offload_kqv, llama.cpp's default).
 
-KV cache, compute buffer and output buffer follow in kv_cache_bytes and compute_bytes.
+KV cache, compute and output buffers are sized in rolemesh/memory_sizes.py; the result
+is a rolemesh/memory_breakdown.py MemoryBreakdown.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from rolemesh.gguf_tensors import TENSOR_ALIGNMENT, TensorInfo, cache_type_bytes
-from rolemesh.memory_estimate import CTX_PAD, MIB, GGUFFacts
+from rolemesh.memory_breakdown import HostFit, MemoryBreakdown, MemoryPart, host_fit
+from rolemesh.memory_estimate import GGUFFacts
+from rolemesh.memory_sizes import (
+    DEFAULT_BATCH,
+    DEFAULT_UBATCH,
+    cells_per_stream,
+    compute_bytes,
+    kv_layer_bytes,
+    micro_batch,
+    output_bytes,
+)
+from rolemesh.projector_memory import projector_bytes
 
 HOST = "host"
-DEFAULT_UBATCH = 512
-DEFAULT_BATCH = 2048
 # llama.cpp's LLM_FFN_EXPS_REGEX in this build (common/common.h), and its per-block form.
 FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 QUANTIZED_CACHE_TYPES = frozenset({"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"})
@@ -89,129 +97,6 @@ class Placement:
     cpu_moe: bool = False
     override_tensor: list[str] = field(default_factory=list)
     mmproj: Path | None = None
-
-
-@dataclass(frozen=True)
-class MemoryPart:
-    """What one device (or the host) holds for the model: bytes, and MiB rounded up."""
-
-    weights_bytes: int = 0
-    kv_cache_bytes: int = 0
-    compute_buffer_bytes: int = 0
-    projector_bytes: int = 0
-
-    @property
-    def total_bytes(self) -> int:
-        return (self.weights_bytes + self.kv_cache_bytes + self.compute_buffer_bytes
-                + self.projector_bytes)
-
-    @property
-    def weights_mb(self) -> int:
-        return _mib(self.weights_bytes)
-
-    @property
-    def kv_cache_mb(self) -> int:
-        return _mib(self.kv_cache_bytes)
-
-    @property
-    def compute_buffer_mb(self) -> int:
-        return _mib(self.compute_buffer_bytes)
-
-    @property
-    def projector_mb(self) -> int:
-        return _mib(self.projector_bytes)
-
-    @property
-    def total_mb(self) -> int:
-        return _mib(self.total_bytes)
-
-
-@dataclass(frozen=True)
-class MemoryBreakdown:
-    """The need of one placement: per device of the group, and in host RAM.
-
-    On a CPU-only placement (device "cpu") the device *is* host RAM: everything is in
-    per_device["cpu"] and `host` is empty, so nothing is counted twice. On GPUs, `host`
-    is what stays in system RAM (token embedding, CPU layers, experts kept on the CPU,
-    their KV cache and the host compute/output buffers).
-    """
-
-    per_device: dict[str, MemoryPart]
-    host: MemoryPart
-    # Of the host part, the weights llama.cpp maps from the file (mmap): the kernel can page
-    # them from disk when RAM is short, which is what allow_disk_paging accepts.
-    host_pageable_mb: int = 0
-    notes: tuple[str, ...] = ()
-
-    @property
-    def per_device_mb(self) -> dict[str, int]:
-        return {device: part.total_mb for device, part in self.per_device.items()}
-
-    @property
-    def host_mb(self) -> int:
-        return self.host.total_mb
-
-    @property
-    def total_mb(self) -> int:
-        return sum(self.per_device_mb.values()) + self.host_mb
-
-    def _sum(self, component: str, with_host: bool = True) -> int:
-        parts = [*self.per_device.values(), *([self.host] if with_host else [])]
-        return _mib(sum(getattr(p, component) for p in parts))
-
-    @property
-    def weights_gpu_mb(self) -> int:
-        """Weights on the group's devices (on a CPU-only placement: on the cpu device)."""
-        return self._sum("weights_bytes", with_host=False)
-
-    @property
-    def weights_host_mb(self) -> int:
-        return self.host.weights_mb
-
-    @property
-    def kv_cache_mb(self) -> int:
-        return self._sum("kv_cache_bytes")
-
-    @property
-    def compute_buffer_mb(self) -> int:
-        return self._sum("compute_buffer_bytes")
-
-    @property
-    def projector_mb(self) -> int:
-        return self._sum("projector_bytes")
-
-
-@dataclass(frozen=True)
-class HostFit:
-    ok: bool
-    paging: bool  # fits only because mmap'd weights will be paged from disk
-    note: str
-
-
-def host_fit(host_need_mb: int, host_available_mb: int | None, allow_disk_paging: bool,
-             unpageable_mb: int = 0) -> HostFit:
-    """Whether a placement's host-RAM part fits what the host has available now.
-
-    Beyond what is available, only weights mapped from the file can live on disk (the
-    kernel pages them in as they are read): so with allow_disk_paging the placement still
-    fits when the part that cannot page (KV cache and buffers kept on the host,
-    `unpageable_mb`) fits. An unknown figure (None) does not refuse.
-    """
-    if host_available_mb is None:
-        return HostFit(True, False, "host memory unknown: not checked")
-    if host_need_mb <= host_available_mb:
-        return HostFit(True, False, f"host RAM: needs {host_need_mb} MB of "
-                                    f"{host_available_mb} MB available")
-    short = host_need_mb - host_available_mb
-    if allow_disk_paging and unpageable_mb <= host_available_mb:
-        return HostFit(True, True, f"host RAM: needs {host_need_mb} MB, {host_available_mb} MB "
-                                   f"available: {short} MB of weights will be paged from disk "
-                                   "through mmap (allow_disk_paging; slow)")
-    why = ("even with disk paging the KV cache and buffers kept on the host need "
-           f"{unpageable_mb} MB" if allow_disk_paging
-           else "set allow_disk_paging: true to page the weights from disk")
-    return HostFit(False, False, f"host RAM: needs {host_need_mb} MB, only "
-                                 f"{host_available_mb} MB available ({why})")
 
 
 # -- placement ---------------------------------------------------------------------------------
@@ -311,87 +196,15 @@ def _split(model: PlacementConfig, devices: Sequence[str],
     return shares
 
 
-# -- KV cache and buffers ----------------------------------------------------------------------
-
-def cells_per_stream(facts: GGUFFacts, ctx_size: int | None, parallel: int) -> int | None:
-    """KV cells of one sequence: ctx_size / parallel (or the trained context), padded to 256."""
-    per_sequence = math.ceil(ctx_size / parallel) if ctx_size else facts.context_length
-    if per_sequence is None:
-        return None
-    return math.ceil(per_sequence / CTX_PAD) * CTX_PAD
-
-
-def kv_layer_bytes(facts: GGUFFacts, model: PlacementConfig) -> int | None:
-    """One layer's K and V caches for every sequence, at cache_type_k / cache_type_v."""
-    cells = cells_per_stream(facts, model.ctx_size, model.parallel)
-    n_head, n_head_kv, n_embd = facts.n_head, facts.n_head_kv, facts.n_embd
-    if cells is None or n_head is None or n_head_kv is None:
-        return None
-    head = n_embd // n_head if n_embd is not None else None
-    key_length, value_length = facts.key_length or head, facts.value_length or head
-    if key_length is None or value_length is None:
-        return None
-    rows = cells * model.parallel
-    return rows * (cache_type_bytes(model.cache_type_k, n_head_kv * key_length)
-                   + cache_type_bytes(model.cache_type_v, n_head_kv * value_length))
-
-
-def micro_batch(model: PlacementConfig, facts: GGUFFacts) -> int:
-    """llama.cpp's n_ubatch: min(ubatch, batch, the whole context)."""
-    batch = model.batch_size or DEFAULT_BATCH
-    cells = cells_per_stream(facts, model.ctx_size, model.parallel)
-    if cells is not None:
-        batch = min(batch, cells * model.parallel)
-    return max(1, min(model.ubatch_size or DEFAULT_UBATCH, batch))
-
-
-def compute_bytes(facts: GGUFFacts, model: PlacementConfig) -> int:
-    """The compute buffer ggml reserves for one micro-batch (the worst case graph).
-
-    Fitted to what this llama.cpp reserves on CPU (bench/memory_accuracy.py), with n_ub
-    tokens per micro-batch and n_kv cells per sequence: the attention mask is live all
-    along (f16 with flash attention, else f32), plus the larger of two stages:
-      feed-forward: n_ub * (20 * n_embd + 12 * width + 8 * n_expert) bytes, where width
-                    is n_ff, or an expert's width * active experts for a MoE;
-      attention:    n_ub * 4 * (6 * q width + 2 * kv width), and without flash
-                    attention the scores too, n_kv * n_ub * 4 * n_head.
-    """
-    n_embd = facts.n_embd or 0
-    n_head = facts.n_head or 1
-    n_ub = micro_batch(model, facts)
-    n_kv = cells_per_stream(facts, model.ctx_size, model.parallel) or 0
-    flash = model.flash_attn is not False
-    head_k = facts.key_length or (n_embd // n_head)
-    q_width, kv_width = n_head * head_k, (facts.n_head_kv or n_head) * head_k
-    if facts.n_expert:
-        width = (facts.n_ff_expert or facts.n_ff or 0) * (facts.n_expert_used or 1)
-    else:
-        width = facts.n_ff or 0
-    mask = n_kv * n_ub * (2 if flash else 4)
-    ffn = n_ub * (20 * n_embd + 12 * width + 8 * (facts.n_expert or 0))
-    attention = n_ub * 4 * (6 * q_width + 2 * kv_width)
-    if not flash:
-        attention += n_kv * n_ub * 4 * n_head
-    return mask + max(ffn, attention)
-
-
-def output_bytes(facts: GGUFFacts, model: PlacementConfig) -> int:
-    """The logits llama.cpp keeps for the last token of each sequence (host memory)."""
-    return (facts.n_vocab or 0) * 4 * model.parallel
-
-
-def _mib(nbytes: int) -> int:
-    return -(-nbytes // MIB)
-
-
 def estimate_need(model: PlacementConfig, facts: GGUFFacts,
                   devices: Sequence[str] = ("gpu:0",), split: Sequence[float] | None = None,
                   projector_bytes: int = 0) -> MemoryBreakdown:
     """The memory a model needs placed on `devices` (["cpu"], or a GPU group).
 
     split: shares per device when the model sets no tensor_split (llama.cpp uses each
-    device's free memory); equal when neither is given. projector_bytes: the mmproj
-    file's size (see projector_size), charged to the first device of the group.
+    device's free memory); equal when neither is given. projector_bytes: the mmproj's
+    need (projector_size(model), read once at start-up), charged to the group's first
+    device.
     """
     devices = list(devices)
     if not devices:
@@ -462,12 +275,14 @@ def _weights(model: PlacementConfig, facts: GGUFFacts, devices: list[str],
 
 
 def projector_size(model: PlacementConfig) -> int:
-    """The mmproj file's size in bytes (0 without one); llama.cpp loads it whole."""
+    """The mmproj's weights plus its image compute buffer in bytes (0 without one); see
+    rolemesh/projector_memory.py. Reads the projector's header."""
     if model.mmproj is None:
         return 0
-    return Path(model.mmproj).stat().st_size
+    return projector_bytes(model.mmproj)
 
 
-__all__ = ["HOST", "TENSOR_ALIGNMENT", "HostFit", "MemoryBreakdown", "MemoryPart",
-           "Placement", "PlacementConfig", "TensorInfo", "estimate_need", "host_fit",
+__all__ = ["DEFAULT_BATCH", "DEFAULT_UBATCH", "HOST", "HostFit", "MemoryBreakdown",
+           "MemoryPart", "Placement", "PlacementConfig", "cells_per_stream", "compute_bytes",
+           "estimate_need", "host_fit", "kv_layer_bytes", "micro_batch", "output_bytes",
            "place_tensors", "projector_size"]

@@ -279,6 +279,69 @@ def _tensor_plan(shape: _Shape, allowed: list[int], tensor_type: TensorType,
     yield "output.weight", (shape.n_vocab, n), matrix_dtype, matrix(output)
 
 
+def write_tiny_projector(path: str | Path, *, text_n_embd: int, n_embd: int = 256,
+                         n_layer: int = 2, n_head: int = 4, n_ff: int = 1024,
+                         image_size: int = 224, patch_size: int = 14, seed: int = 0) -> Path:
+    """Write a LLaVA-style vision projector (mmproj, `clip` with an `mlp` projector) that
+    llama-server loads with --mmproj beside a tiny model of width text_n_embd.
+
+    A ViT of n_layer blocks over (image_size / patch_size)^2 patches plus a class token,
+    then two linear layers to the text model's width. Random weights: images are accepted
+    and become image tokens, but the text model still writes only its own charset.
+    """
+    if image_size % patch_size or n_embd % n_head:
+        raise ValueError("image_size must be a multiple of patch_size, n_embd of n_head")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(out, "clip")
+    try:
+        writer.add_bool("clip.has_vision_encoder", True)
+        writer.add_string("clip.projector_type", "mlp")
+        for key, value in {"image_size": image_size, "patch_size": patch_size,
+                           "embedding_length": n_embd, "feed_forward_length": n_ff,
+                           "block_count": n_layer, "attention.head_count": n_head,
+                           "projection_dim": text_n_embd}.items():
+            writer.add_uint32(f"clip.vision.{key}", value)
+        writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+        writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+        writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+        writer.add_bool("clip.use_gelu", True)
+
+        def add(name: str, shape: tuple[int, ...], dtype: type[np.floating]) -> None:
+            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            writer.add_tensor(name, values.astype(dtype))
+
+        f16, f32 = np.float16, np.float32
+        add("v.patch_embd.weight", (n_embd, 3, patch_size, patch_size), f16)
+        add("v.class_embd", (n_embd,), f32)
+        add("v.position_embd.weight", ((image_size // patch_size) ** 2 + 1, n_embd), f16)
+        add("v.pre_ln.weight", (n_embd,), f32)
+        add("v.pre_ln.bias", (n_embd,), f32)
+        for i in range(n_layer):
+            blk = f"v.blk.{i}."
+            for norm in ("ln1", "ln2"):
+                add(blk + norm + ".weight", (n_embd,), f32)
+                add(blk + norm + ".bias", (n_embd,), f32)
+            for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                add(blk + proj + ".weight", (n_embd, n_embd), f16)
+                add(blk + proj + ".bias", (n_embd,), f32)
+            add(blk + "ffn_up.weight", (n_ff, n_embd), f16)
+            add(blk + "ffn_up.bias", (n_ff,), f32)
+            add(blk + "ffn_down.weight", (n_embd, n_ff), f16)
+            add(blk + "ffn_down.bias", (n_embd,), f32)
+        add("mm.0.weight", (text_n_embd, n_embd), f16)
+        add("mm.0.bias", (text_n_embd,), f32)
+        add("mm.2.weight", (text_n_embd, text_n_embd), f16)
+        add("mm.2.bias", (text_n_embd,), f32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return out
+
+
 def write_demo_models(directory: str | Path) -> dict[str, Path]:
     """letters.gguf, digits.gguf and symbols.gguf in `directory`: three distinguishable models."""
     root = Path(directory)

@@ -62,3 +62,46 @@ def test_llama_cpps_buffer_lines_are_read_per_buffer():
     assert figures.kv_cells == 512
     assert figures.complete
     assert not parse_memory_log("llama_server: model loaded").complete
+
+
+# -- the vision projector ------------------------------------------------------------------------
+
+def test_a_tiny_projector_is_a_clip_file_sized_by_its_tensor_table(tmp_path):
+    from rolemesh.projector_memory import (
+        projector_bytes,
+        projector_compute_bytes,
+        read_projector_facts,
+    )
+    from rolemesh.tiny_gguf import write_tiny_projector
+
+    path = write_tiny_projector(tmp_path / "mmproj.gguf", text_n_embd=64, n_embd=128,
+                                n_layer=2, n_ff=512, image_size=112, patch_size=14)
+    facts = read_projector_facts(path)
+    assert (facts.image_tokens, facts.n_embd, facts.n_ff, facts.projection_dim,
+            facts.n_layer) == (65, 128, 512, 64, 2)
+    assert facts.weights_bytes <= path.stat().st_size
+    assert projector_compute_bytes(facts) == 65 * (11 * 128 + 5 * 512)
+    assert projector_bytes(path) == facts.weights_bytes + projector_compute_bytes(facts)
+
+
+def test_a_text_model_is_not_a_projector(tmp_path):
+    from rolemesh.memory_estimate import NotAGGUFFile
+    from rolemesh.projector_memory import read_projector_facts
+
+    with pytest.raises(NotAGGUFFile, match="not a projector"):
+        read_projector_facts(write_tiny_model(tmp_path / "m.gguf", charset=LETTERS))
+
+
+def test_a_projector_whose_image_does_not_tile_is_refused(tmp_path):
+    from rolemesh.tiny_gguf import write_tiny_projector
+
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        write_tiny_projector(tmp_path / "x.gguf", text_n_embd=64, image_size=100)
+
+
+def test_projector_log_lines_are_read():
+    figures = parse_memory_log("0.1 I load_hparams: model size:         3.48 MiB\n"
+                               "0.2 I reserve_compute_meta:        CPU compute buffer size ="
+                               "     1.58 MiB\n")
+    assert figures.projector_model_mib == 3.48
+    assert figures.projector_compute_mib == {"CPU": 1.58}
