@@ -4,6 +4,9 @@
     rolemesh nodes                  every device: memory, slot state, loaded model, queue
     rolemesh models                 every role, alias and model id served now
     rolemesh route MODEL            which device a request for MODEL would go to, and why
+                                    (exit 4 when a request for MODEL would be refused)
+    rolemesh watch                  the cluster's events as they happen (rolemesh/cli_watch.py)
+    rolemesh up                     a dispatcher and a node agent on this host (cli_up.py)
     rolemesh routing show|set|edit  the routing table: task types, rules (rolemesh/cli_routing.py)
     rolemesh check-fit FILE.gguf    a model's memory need per device and in host RAM, and
                                     where it fits (rolemesh/cli_memory.py)
@@ -24,7 +27,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from rolemesh import cli_memory, cli_routing, cli_simulate
+from rolemesh import cli_memory, cli_ops, cli_routing, cli_simulate, cli_up, cli_watch
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -41,6 +44,9 @@ def fetch(base: str, path: str, key: str | None) -> Any:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return json.load(resp)
     except urllib.error.HTTPError as exc:
+        said = cli_ops.agent_message(base, path, key) if exc.code == 404 else None
+        if said is not None:
+            raise CliError(said) from exc
         try:
             message = json.load(exc)["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -121,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("route", "explain"):
         r = sub.add_parser(name, help="where a request for MODEL would go, and why")
         r.add_argument("model")
+    cli_watch.add_parser(sub)
+    cli_up.add_parser(sub)
     cli_memory.add_parser(sub)
     cli_routing.add_parser(sub)
     cli_simulate.add_parser(sub)
@@ -128,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(cli_ops.hoist_global_flags(argv))
+    if getattr(args, "run", None) is not None:  # verbs in modules of their own (watch, up)
+        return int(args.run(args))
     if args.command == "simulate":
         return cli_simulate.run(args)
     key = os.environ.get("ROLEMESH_API_KEY")
@@ -159,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rolemesh: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else text)
+    if args.command in ("route", "explain") and data.get("error"):
+        return cli_ops.EXIT_REFUSED  # a request for that name would be refused now
     return 0
 
 
