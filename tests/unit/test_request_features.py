@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rolemesh.errors import BadRequest
 from rolemesh.request_features import features_from_body, features_from_headers
@@ -80,3 +82,30 @@ def test_odd_shapes_do_not_crash_the_reader():
     for body in ({"messages": "nope"}, {"messages": [1, None, {"content": {"x": 1}}]},
                  {"prompt": [1, 2, 3]}, {"metadata": "x"}, {"input": [{"role": "user"}]}):
         assert feats(body).prompt_tokens >= 0
+
+
+# -- generated bodies ----------------------------------------------------------------------
+
+text_part = st.builds(lambda t: {"type": "text", "text": t}, st.text(max_size=200))
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:,x"}}
+image_part = st.just(IMAGE_PART)
+content = st.one_of(st.text(max_size=300), st.lists(st.one_of(text_part, image_part),
+                                                     max_size=4))
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                 "content": content})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(message, max_size=6))
+def test_images_are_seen_exactly_when_a_message_has_an_image_part(messages):
+    has = any(isinstance(m["content"], list) and IMAGE_PART in m["content"] for m in messages)
+    assert feats({"messages": messages}).has_images == has
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(message, max_size=6), st.text(min_size=1, max_size=500))
+def test_more_text_never_makes_a_smaller_prompt_estimate(messages, extra):
+    before = feats({"messages": messages}).prompt_tokens
+    after = feats({"messages": [*messages, {"role": "user", "content": extra}]})
+    assert after.prompt_tokens > before
+    assert after.last_user_text == extra
