@@ -21,9 +21,8 @@ from node_agent.backends.host import process_memory_mb
 from node_agent.config import STRUCTURED_FLAGS, ModelConfig
 from node_agent.footprints import Footprints
 from node_agent.llama_argv import build_argv
-from rolemesh.memory_estimate import read_gguf_facts
+from node_agent.memory_charge import charge, read_model_memory
 from rolemesh.net import free_loopback_port
-from rolemesh.placement_memory import estimate_need
 from rolemesh.tiny_gguf import LETTERS, write_tiny_model, write_tiny_projector
 from tests.waiting import wait_until_sync
 
@@ -116,10 +115,15 @@ def test_a_loaded_model_is_measured_and_the_figure_kept_for_the_next_start(
     finally:
         proc.kill()
         proc.wait()
-    estimate = estimate_need(model, read_gguf_facts(path), ["cpu"]).per_device_mb["cpu"]
+    memory = read_model_memory(model)
+    before = charge(memory, ["cpu"], Footprints(tmp_path / "state"))
     assert measured is not None
+    assert before.source == "estimated"
     # RSS holds the runtime (libraries, the HTTP server) besides the buffers: more than the
     # estimate, but the same order for a model this small.
-    assert estimate < measured < estimate + 400
-    Footprints(tmp_path / "state").record(model, measured)
-    assert Footprints(tmp_path / "state").lookup(model) == measured
+    assert before.estimated_mb < measured < before.estimated_mb + 400
+    Footprints(tmp_path / "state").record(model, measured, ("cpu",))
+    after = charge(memory, ["cpu"], Footprints(tmp_path / "state"))  # as after a restart
+    assert (after.source, after.per_device_mb) == ("measured", {"cpu": measured})
+    assert after.error_pct is not None
+    assert after.error_pct < 0
