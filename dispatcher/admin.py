@@ -16,7 +16,6 @@ import structlog
 from aiohttp import web
 
 from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
-from dispatcher.auth import token_matches
 from rolemesh.api import InstanceState
 from rolemesh.errors import (
     BadRequest,
@@ -27,7 +26,7 @@ from rolemesh.errors import (
     Unauthorized,
     UpstreamFailed,
 )
-from rolemesh.http import bearer_token, json_response, read_body
+from rolemesh.http import json_response, read_body, token_matches
 
 log = structlog.get_logger("dispatcher.admin")
 ADMIN_TIMEOUT_S = 600.0  # a load waits for the model to be ready
@@ -36,7 +35,7 @@ ADMIN_TIMEOUT_S = 600.0  # a load waits for the model to be ready
 def require_admin(request: web.Request, d: Dispatcher) -> None:
     accepted = [*(d.config.admin_keys or ()), *([d.config.cluster_token]
                                                 if d.config.cluster_token else [])]
-    if accepted and not token_matches(bearer_token(request), accepted):
+    if accepted and not token_matches(request, accepted):
         raise Unauthorized("this is an operator action: 'Authorization: Bearer <admin key or "
                            "cluster token>'", headers={"WWW-Authenticate": "Bearer"})
 

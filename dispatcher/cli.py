@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging("dispatcher", fmt=config.log_format, level=config.log_level)
     return run_service("rolemesh-dispatcher", build_app(config), config.listen_host,
-                       config.listen_port)
+                       config.listen_port, shutdown_grace_s=config.shutdown_grace_s)
 
 
 if __name__ == "__main__":

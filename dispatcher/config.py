@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from dispatcher.access_log import AccessLogConfig
+from rolemesh.routing_rules import RoutingTable
+from rolemesh.token_file import read_token_file
 
 TOKEN_ENV = "ROLEMESH_CLUSTER_TOKEN"
 TIMEOUT_HEARTBEATS = 3  # node_timeout_s defaults to this many heartbeat intervals
@@ -24,23 +36,52 @@ class DispatcherConfig(StrictModel):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8080, ge=0, le=65535)
     cluster_token: str | None = Field(default=None, repr=False)
+    # A file holding the token (mode 0600; systemd: $CREDENTIALS_DIRECTORY/cluster_token).
+    cluster_token_file: str | None = None
+    # Browser origins allowed to call the API (CORS); empty: none. "*" allows any.
+    cors_allowed_origins: list[str] = Field(default_factory=list)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     node_timeout_s: float | None = Field(default=None, gt=0)  # None: 3 x heartbeat_interval_s
     node_forget_s: float | None = Field(default=None, gt=0)  # None: 4 x node_timeout_s
     vram_safety_margin: float = Field(default=0.9, gt=0, le=1)
-    roles: dict[str, str] = Field(default_factory=dict)  # alias -> role or model id
+    aliases: dict[str, str] = Field(default_factory=dict)  # alias -> role or model id
+    # The old name of `aliases` (it never held roles): read, with a warning at start.
+    roles: dict[str, str] | None = Field(default=None, exclude=True)
+    routing: RoutingTable = Field(default_factory=RoutingTable)
+    # Where PUT /v1/routing keeps the table; None: beside the config file (FILE.routing.json).
+    routing_file: str | None = None
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Reliability (docs/reliability.md). A streamed request whose agent sends no response
+    # headers for first_byte_timeout_s fails over and the node is suspect until it next
+    # heartbeats; generous, since a cold load may come first. A stream that then sends
+    # nothing for stream_idle_timeout_s ends with one `upstream_timeout` error event.
+    first_byte_timeout_s: float = Field(default=120.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=120.0, gt=0)
+    # A device that fails this many requests in a row is avoided for cooldown_s, doubling
+    # on each further failure up to cooldown_max_s (never when it is the last candidate).
+    cooldown_after_failures: int = Field(default=3, ge=1)
+    cooldown_s: float = Field(default=5.0, gt=0)
+    cooldown_max_s: float = Field(default=60.0, gt=0)
+    # Registration refuses link-local and cloud metadata addresses and URLs with a
+    # user:password part; true lets them register (a lab where agents live there).
+    allow_unsafe_node_urls: bool = False
+    # SIGTERM: stop taking requests, let open ones finish for at most this long, exit 0.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, le=16)
     busy_retry_after_s: float = Field(default=1.0, gt=0)
     default_load_s: float = Field(default=5.0, ge=0)
     api_keys: list[str] | None = Field(default=None, repr=False)
-    admin_keys: list[str] | None = Field(default=None, repr=False)  # load/unload/drain/mode
+    # Keys for operator actions: load, unload, drain, mode (dispatcher/admin.py) and
+    # PUT /v1/routing; the cluster token may too. They open the client endpoints as well.
+    admin_keys: list[str] | None = Field(default=None, repr=False)
+    # One JSON line per request (dispatcher/access_log.py); None: off.
+    access_log: AccessLogConfig | None = None
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("roles")
+    @field_validator("aliases", "roles")
     @classmethod
     def _aliases_are_names(cls, value: dict[str, str]) -> dict[str, str]:
         for alias, target in value.items():
@@ -57,18 +98,41 @@ class DispatcherConfig(StrictModel):
 
     @field_validator("api_keys", "admin_keys")
     @classmethod
-    def _api_keys_are_given(cls, value: list[str] | None) -> list[str] | None:
+    def _api_keys_are_given(cls, value: list[str] | None, info: ValidationInfo
+                            ) -> list[str] | None:
         if value is None:
             return None
         if not value:
-            raise ValueError("an empty list would refuse every client; leave api_keys out "
-                             "to allow clients without a key")
+            raise ValueError(f"an empty list would refuse every client; leave {info.field_name} "
+                             "out instead")
         if any(not key.strip() for key in value):
             raise ValueError("an api key cannot be empty")
         return value
 
     @model_validator(mode="after")
+    def _old_roles_key(self) -> DispatcherConfig:
+        if self.roles is not None:
+            if self.aliases:
+                raise ValueError("roles: is the old name of aliases: give aliases only")
+            self.aliases = self.roles
+        return self
+
+    @model_validator(mode="after")
+    def _routing_file_beside_config(self, info: ValidationInfo) -> DispatcherConfig:
+        source = (info.context or {}).get("source")
+        if self.routing_file is None and source and not source.startswith("<"):
+            path = Path(source)
+            self.routing_file = str(path.with_name(path.stem + ".routing.json"))
+        return self
+
+    @property
+    def deprecated_keys(self) -> list[str]:
+        return ["roles"] if self.roles is not None else []
+
+    @model_validator(mode="after")
     def _resolve(self) -> DispatcherConfig:
+        if not self.cluster_token and self.cluster_token_file:
+            self.cluster_token = read_token_file(self.cluster_token_file)
         if not self.cluster_token:
             self.cluster_token = os.environ.get(TOKEN_ENV) or None
         if self.node_timeout_s is None:
@@ -99,7 +163,7 @@ class DispatcherConfig(StrictModel):
         data = self.model_dump(mode="json")
         if data.get("cluster_token"):
             data["cluster_token"] = "***"
-        for secret_list in ("api_keys", "admin_keys"):
-            if data.get(secret_list):
-                data[secret_list] = ["***"] * len(data[secret_list])
+        for key in ("api_keys", "admin_keys"):
+            if data.get(key):
+                data[key] = ["***"] * len(data[key])
         return data

@@ -10,7 +10,10 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from dispatcher.appkeys import DISPATCHER_KEY
+from dispatcher.events import EVENTS_KEY
 from dispatcher.metrics import CONTENT_TYPE
+from dispatcher.node_urls import node_id_problem, node_url_problem
+from dispatcher.request_routing import features_from_query
 from dispatcher.roles import model_list
 from dispatcher.views import cluster_node, cluster_nodes
 from rolemesh.api import (
@@ -87,8 +90,14 @@ async def register(request: web.Request) -> web.Response:
     req = parse_wire(RegisterRequest, body)
     check_schema_version(req.inventory.schema_version)
     check_node_url(req.inventory.url)
+    problem = node_id_problem(req.inventory.node_id) or node_url_problem(
+        req.inventory.url, allow_unsafe=d.config.allow_unsafe_node_urls)
+    if problem is not None:
+        raise BadRequest(problem)
     node = d.registry.register(req.inventory)
     d.metrics.registrations.inc()
+    request.app[EVENTS_KEY].node_report(node.node_id, req.inventory.devices,
+                                        getattr(req.inventory, "recent_stops", None))
     return json_response(RegisterResponse(
         node_id=node.node_id, heartbeat_interval_s=d.config.heartbeat_interval_s
     ).model_dump(mode="json"))
@@ -102,6 +111,9 @@ async def heartbeat(request: web.Request) -> web.Response:
     check_schema_version(beat.schema_version)
     accepted = d.registry.heartbeat(beat)  # NodeNotFound (404) makes the agent register
     d.metrics.heartbeats.labels(str(accepted).lower()).inc()
+    if accepted:
+        request.app[EVENTS_KEY].node_report(beat.node_id, beat.devices,
+                                            getattr(beat, "recent_stops", None))
     return json_response(HeartbeatResponse(
         accepted=accepted, heartbeat_interval_s=d.config.heartbeat_interval_s
     ).model_dump(mode="json"))
@@ -129,9 +141,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def route(request: web.Request) -> web.Response:
     name = request.query.get("model", "")
-    if not name:
-        raise BadRequest("name a model, role or alias: /v1/route?model=NAME")
-    return json_response(request.app[DISPATCHER_KEY].router.explain(name))
+    d = request.app[DISPATCHER_KEY]
+    if not name and "role" not in request.query:
+        raise BadRequest("name a model, role or alias: /v1/route?model=NAME (and optionally "
+                         "task_type, role, latency, images, tools, prompt_tokens, text)")
+    routing = d.forwarder.routing
+    if routing is None:
+        return json_response(d.router.explain(name))
+    chosen = await routing.explain(features_from_query(request.query))
+    return json_response({**d.router.explain(chosen["target"]), "routing": chosen})
 
 
 async def openai_request(request: web.Request) -> web.StreamResponse:

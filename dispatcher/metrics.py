@@ -9,13 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from dispatcher.registry import Registry
 from rolemesh.decision import Action, Decision
 from rolemesh.decision import Outcome as DecisionOutcome
+from rolemesh.device_metrics import device_memory_families
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNKNOWN_MODEL = "-"  # the model label of requests whose model names nothing served
@@ -59,6 +66,13 @@ class _ClusterCollector(Collector):
         for (node_id, device_id), d in sorted(snapshot.devices.items()):
             queue.add_metric([node_id, device_id], d.in_flight + d.pending)
         yield queue
+        yield from device_memory_families("rolemesh_dispatcher", (
+            (node_id, device_id, record.status)
+            for (node_id, device_id), record in sorted(snapshot.devices.items())))
+
+
+# Seconds: from a loaded small model's first token to a cold load of a big one.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class Metrics:
@@ -75,12 +89,31 @@ class Metrics:
             "rolemesh_dispatcher_decisions",
             "Routing decisions by action (or outcome, when nothing was chosen)",
             ["action"], registry=self.registry)
+        self.cooldowns = Counter(
+            "rolemesh_dispatcher_cooldowns",
+            "Devices cooled down after failing requests in a row", registry=self.registry)
+        self.suspects = Counter(
+            "rolemesh_dispatcher_suspects",
+            "Nodes made suspect: they accepted a request and sent no first byte in time",
+            registry=self.registry)
         self.registrations = Counter(
             "rolemesh_dispatcher_registrations", "Node registrations accepted",
             registry=self.registry)
         self.heartbeats = Counter(
             "rolemesh_dispatcher_heartbeats", "Node heartbeats by whether they were applied",
             ["accepted"], registry=self.registry)
+        self.done = Counter(
+            "rolemesh_dispatcher_requests_done",
+            "Finished OpenAI requests by endpoint, name asked (role), model served, outcome",
+            ["endpoint", "role", "model", "outcome"], registry=self.registry)
+        self.latency = Histogram(
+            "rolemesh_dispatcher_request_duration_seconds",
+            "Whole request, from arrival to the last byte of the answer",
+            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "rolemesh_dispatcher_time_to_first_token_seconds",
+            "Streamed requests: from arrival to the first chunk of the answer",
+            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_ClusterCollector(registry))
         # Labelled children, looked up once: labels() validates and locks on every call.
         self._request_children: dict[tuple[str, str], Any] = {}
@@ -95,8 +128,20 @@ class Metrics:
                                                                                     outcome)
         child.inc()
 
+    def request_done(self, *, endpoint: str, role: str, model: str, outcome: str,
+                     duration_s: float, ttft_s: float | None) -> None:
+        self.done.labels(endpoint, role, model, outcome).inc()
+        self.latency.labels(endpoint, model).observe(duration_s)
+        if ttft_s is not None:
+            self.ttft.labels(endpoint, model).observe(ttft_s)
+
     def decision(self, decision: Decision) -> None:
         self._decision_children[decision.action or decision.outcome].inc()
+
+    def known_failover_reasons(self, reasons: tuple[str, ...]) -> None:
+        """Show each reason at 0 before it first happens (a scrape can then tell 0 from none)."""
+        for reason in reasons:
+            self.failovers.labels(reason)
 
     def failover(self, reason: str) -> None:
         self.failovers.labels(reason).inc()

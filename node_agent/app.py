@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -11,18 +10,21 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from node_agent import handlers
+from node_agent import handlers, handlers_ops
 from node_agent.appkeys import HTTP_KEY, NODE_KEY, UPSTREAM_TIMEOUT_KEY
 from node_agent.backends import DeviceBackend
 from node_agent.backends.select import with_cpu_device
 from node_agent.config import NodeAgentConfig
+from node_agent.handlers_ops import METRICS_KEY
 from node_agent.launcher import LlamaLauncher
+from node_agent.metrics import scheduler_listener
 from node_agent.node import ModelFacts, Node
 from node_agent.pidfiles import PidFiles
 from node_agent.registration import run_registration
 from node_agent.scheduler import NodeScheduler
+from rolemesh.cors import setup_cors
 from rolemesh.errors import Unauthorized
-from rolemesh.http import bearer_token, error_middleware, request_context_middleware
+from rolemesh.http import error_middleware, request_context_middleware, token_matches
 from rolemesh.net import free_loopback_port
 from rolemesh.openai_body import OPENAI_PATHS
 
@@ -37,11 +39,10 @@ def auth_middleware(token: str | None) -> Callable[[web.Request, Handler],
                                                   Awaitable[web.StreamResponse]]:
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.path not in OPEN_PATHS:
-            given = bearer_token(request)
-            if given is None or not secrets.compare_digest(given, token):
-                raise Unauthorized("this node agent needs 'Authorization: Bearer "
-                                   "<cluster_token>'")
+        if token is not None and request.path not in OPEN_PATHS and \
+                not token_matches(request, token):
+            raise Unauthorized("this node agent needs 'Authorization: Bearer "
+                               "<cluster_token>'")
         return await handler(request)
     return check_token
 
@@ -59,6 +60,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/node/optimize", handlers.optimize)
     for path in OPENAI_PATHS:
         app.router.add_post(path, handlers.openai_request)
+    handlers_ops.setup_routes(app)  # /metrics, /v1/node/logs
 
 
 def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, ModelFacts],
@@ -70,6 +72,7 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
                      auth_middleware(config.cluster_token)],
         client_max_size=config.max_body_bytes)
     setup_routes(app)
+    setup_cors(app, config.cors_allowed_origins)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
@@ -97,6 +100,7 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
                                   {m: f.memory_need_mb for m, f in facts.items()}, launcher,
                                   queue_timeout_s=config.request_timeout_s)
         node.attach(scheduler)
+        scheduler.listeners.append(scheduler_listener(app[METRICS_KEY]))
         app[NODE_KEY] = node
         app[HTTP_KEY] = http
         app[UPSTREAM_TIMEOUT_KEY] = aiohttp.ClientTimeout(

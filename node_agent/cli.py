@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None,
                     "; raise the limit or llama-server's extra slots can never be used")
         if config_errors:
             raise ConfigError("\n".join(config_errors))
-    except (ConfigError, ModelFileError) as exc:
+    except ConfigError as exc:
         print(f"rolemesh-node-agent: config error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelFileError as exc:  # its lines name the key; say which file holds it
+        lines = "\n".join(f"{args.config}: {line}" for line in str(exc).splitlines())
+        print(f"rolemesh-node-agent: config error:\n{lines}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
         resolved = config.public_dump()

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from rolemesh.token_file import read_token_file
 
 Backend = Literal["auto", "cuda", "cpu", "rocm", "metal", "vulkan", "sycl"]
 
@@ -28,7 +38,16 @@ STRUCTURED_FLAGS: dict[str, str] = {
     "parallel": "--parallel -np",
     "embeddings": "--embeddings --embedding --pooling",
     "split_mode": "--split-mode -sm",
+    "cache_type_k": "--cache-type-k -ctk",
+    "cache_type_v": "--cache-type-v -ctv",
+    "mmproj": "--mmproj -mm --mmproj-url -mmu --no-mmproj",
+    "n_cpu_moe": "--n-cpu-moe -ncmoe",
+    "cpu_moe": "--cpu-moe -cmoe",
+    "override_tensor": "--override-tensor -ot",
 }
+# What llama-server accepts for --cache-type-k / --cache-type-v.
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 # Flags the agent itself owns: where the model lives and where the server listens.
 # (--api-key too: llama-server listens on 127.0.0.1 only, and a key there would lock the agent
 # out of its own child; the agent's cluster_token guards the node instead.)
@@ -68,6 +87,15 @@ class ModelConfig(StrictModel):
     exclusive: bool = False  # runs alone on its device(s)
     devices: list[str] | None = None  # a fixed placement: one device, or a group split over
     memory_mb: int | None = Field(default=None, ge=1)  # the need, when the operator knows it
+    # Memory placement (docs/memory.md): KV cache types, a vision projector, experts kept in
+    # host RAM, tensor overrides, and whether weights may page from disk when RAM is short.
+    cache_type_k: CacheType = "f16"
+    cache_type_v: CacheType = "f16"
+    mmproj: Path | None = None
+    n_cpu_moe: int | None = Field(default=None, ge=0)
+    cpu_moe: bool = False
+    override_tensor: list[str] = Field(default_factory=list)
+    allow_disk_paging: bool = False
     server_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
     @field_validator("server_args")
@@ -129,6 +157,27 @@ class ModelConfig(StrictModel):
             return None
         return tuple(self.tensor_split) if self.tensor_split else None
 
+    @field_validator("override_tensor")
+    @classmethod
+    def _overrides_are_pattern_equals_buffer(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            pattern, sep, buffer = entry.rpartition("=")
+            if not sep or not pattern or not buffer or "," in entry:
+                raise ValueError(f"{entry!r} is not 'REGEX=BUFFER_TYPE' (such as "
+                                 r"'\.ffn_.*_exps\.=CPU'; one override per item, no commas)")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{entry!r}: {pattern!r} is not a regex: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _quantized_v_cache_needs_flash_attention(self) -> ModelConfig:
+        if self.cache_type_v not in ("f32", "f16", "bf16") and self.flash_attn is False:
+            raise ValueError(f"cache_type_v {self.cache_type_v} needs flash attention "
+                             "(llama.cpp refuses a quantized V cache with flash_attn off)")
+        return self
+
     @field_validator("roles")
     @classmethod
     def _roles_are_names(cls, value: list[str]) -> list[str]:
@@ -145,6 +194,10 @@ class NodeAgentConfig(StrictModel):
     advertise_url: str | None = None
     dispatcher_base_url: str | None = None
     cluster_token: str | None = Field(default=None, repr=False)
+    # A file holding the token (mode 0600; systemd: $CREDENTIALS_DIRECTORY/cluster_token).
+    cluster_token_file: str | None = None
+    # Browser origins allowed to call the API (CORS); empty: none. "*" allows any.
+    cors_allowed_origins: list[str] = Field(default_factory=list)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     backend: Backend = "auto"
     devices: list[str] | None = None
@@ -175,7 +228,23 @@ class NodeAgentConfig(StrictModel):
         return value.expanduser()
 
     @model_validator(mode="after")
+    def _paths_from_the_config_folder(self, info: ValidationInfo) -> NodeAgentConfig:
+        """A relative model path is read from the config file's folder, not from wherever
+        the agent was started."""
+        source = (info.context or {}).get("source")
+        if source and not str(source).startswith("<"):
+            base = Path(source).resolve().parent
+            for m in self.models:
+                if not m.path.is_absolute():
+                    m.path = base / m.path.expanduser()
+                if m.mmproj is not None and not m.mmproj.is_absolute():
+                    m.mmproj = base / m.mmproj.expanduser()
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> NodeAgentConfig:
+        if self.cluster_token is None and self.cluster_token_file:
+            self.cluster_token = read_token_file(self.cluster_token_file)
         if self.cluster_token is None:
             self.cluster_token = os.environ.get("ROLEMESH_CLUSTER_TOKEN") or None
         seen: set[str] = set()
@@ -192,10 +261,15 @@ class NodeAgentConfig(StrictModel):
             for d in self.devices:
                 if not _is_device_id(d):
                     raise ValueError(f"devices: {d!r} is not 'cpu' or 'gpu:N'")
+        return self
+
+    @model_validator(mode="after")
+    def _sets_name_models(self) -> NodeAgentConfig:
+        known = {m.model_id for m in self.models}
         for name, members in self.sets.items():
             if not members:
                 raise ValueError(f"sets.{name}: a set names at least one model")
-            unknown = sorted(set(members) - seen)
+            unknown = sorted(set(members) - known)
             if unknown:
                 raise ValueError(f"sets.{name}: {', '.join(unknown)} is not a model_id here")
         return self
@@ -220,6 +294,13 @@ class NodeAgentConfig(StrictModel):
     @cached_property
     def _models_by_id(self) -> dict[str, ModelConfig]:
         return {m.model_id: m for m in self.models}
+
+    def projector_problems(self) -> list[str]:
+        """Each model's mmproj must be a file: checked where the model files are checked
+        (at start-up, with `path`), not while parsing, so example configs still load."""
+        return [f"models.{i}.mmproj ({m.model_id}): {m.mmproj} does not exist or is not a file"
+                for i, m in enumerate(self.models)
+                if m.mmproj is not None and not m.mmproj.is_file()]
 
     def model(self, model_id: str) -> ModelConfig | None:
         return self._models_by_id.get(model_id)

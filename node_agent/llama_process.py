@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,7 +23,8 @@ import structlog
 
 log = structlog.get_logger("node_agent.llama_process")
 
-STDERR_TAIL_LINES = 40
+LOG_RING_LINES = 500  # llama-server's own output kept per instance, for operators
+FOLLOWER_QUEUE = 1000  # lines a `follow` reader may lag behind before it loses some
 # What llama-server prints when it is about to answer /health with 200.
 READY_HINTS = ("model loaded", "listening on http")
 
@@ -62,7 +63,8 @@ class LlamaProcess:
         self.argv = list(argv)
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
-        self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.tail: deque[str] = deque(maxlen=LOG_RING_LINES)
+        self._followers: set[asyncio.Queue[str | None]] = set()
         # Set when llama-server says it has loaded or listens: probe at once, not at the
         # next backed-off poll (a multi-second load would otherwise be noticed late).
         self._ready_hint = asyncio.Event()
@@ -89,14 +91,37 @@ class LlamaProcess:
         while True:
             line = await self.proc.stdout.readline()
             if not line:
+                for q in self._followers:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        q.put_nowait(None)  # the end of this process's output
                 return
             text = line.decode(errors="replace").rstrip()
             self.tail.append(text)
+            for q in self._followers:
+                with contextlib.suppress(asyncio.QueueFull):  # a slow reader skips lines
+                    q.put_nowait(text)
             if any(hint in text for hint in READY_HINTS):
                 self._ready_hint.set()
 
     def tail_text(self, lines: int = 12) -> str:
         return "\n".join(list(self.tail)[-lines:])
+
+    def log_lines(self, last: int | None = None) -> list[str]:
+        """The last `last` (default: all kept) lines of llama-server's output."""
+        lines = list(self.tail)
+        return lines if last is None else lines[-last:] if last > 0 else []
+
+    @contextlib.contextmanager
+    def follow(self) -> Iterator[asyncio.Queue[str | None]]:
+        """A queue of the lines printed from now on; None once the process's output ended."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue(FOLLOWER_QUEUE)
+        if self._reader.done():
+            queue.put_nowait(None)
+        self._followers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._followers.discard(queue)
 
     async def wait_exit(self) -> int:
         code = await self.proc.wait()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -158,7 +161,7 @@ class Node:
             load = sched.load_seconds.get(m.model_id)
             out.append(ModelStatus(
                 model_id=m.model_id, roles=list(m.roles), file_size_mb=facts.file_size_mb,
-                memory_need_mb=facts.memory_need_mb,
+                memory_need_mb=facts.memory_need_mb, ctx_size=m.ctx_size,
                 devices=list(m.devices) if m.devices else None,
                 split=list(m.split) if m.split else None, pinned=m.pinned, preload=m.preload,
                 exclusive=m.exclusive, ttl_s=self.config.ttl_of(m),
@@ -171,6 +174,25 @@ class Node:
         return [StopRecord(model_id=s.model_id, devices=list(s.devices), reason=s.reason,
                            detail=s.detail, age_s=round(now - s.at, 3))
                 for s in list(self.scheduler.stops)[-20:]]
+
+    # -- llama-server output (node_agent.handlers_ops.LogSource) -----------------------------
+
+    def _process_of(self, device: str, model: str | None) -> Any:
+        running = [i for i in self.scheduler.instances_on(device) if i.process is not None
+                   and (model is None or i.model_id == model)]
+        if len(running) != 1 and model is None:
+            return None  # several models there: name one
+        proc = running[0].process if running else None
+        return getattr(proc, "process", None)  # the LlamaProcess behind the launcher's handle
+
+    def log_lines(self, device: str, model: str | None) -> list[str] | None:
+        proc = self._process_of(device, model)
+        return None if proc is None else list(proc.log_lines())
+
+    def subscribe(self, device: str, model: str | None
+                  ) -> contextlib.AbstractContextManager[asyncio.Queue[str | None]] | None:
+        proc = self._process_of(device, model)
+        return None if proc is None else proc.follow()
 
     def next_seq(self) -> int:
         self._seq += 1

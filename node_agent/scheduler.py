@@ -462,7 +462,8 @@ class NodeScheduler:
             self._failed_until.pop(inst.key, None)
             self._failed_error.pop(inst.key, None)
             self._emit("instance.ready", {"model": inst.model_id, "devices": list(inst.devices),
-                                          "load_s": inst.last_load_s})
+                                          "load_s": inst.last_load_s,
+                                          "restart": inst.restarts > 0})
             for want in list(self._wants):
                 if not want.future.done() and want.model.model_id == inst.model_id and (
                         want.key == inst.key or want.devices == inst.devices
@@ -504,7 +505,7 @@ class NodeScheduler:
             if not want.future.done() and want.key == key:
                 want.future.set_exception(ModelNotReady(inst.last_error or "load failed"))
         self._emit("instance.failed", {"model": inst.model_id, "devices": list(inst.devices),
-                                       "error": inst.last_error})
+                                       "error": inst.last_error, "crashed": inst.ever_ready})
 
     def _emit(self, kind: str, data: dict[str, object]) -> None:
         for listener in self.listeners:

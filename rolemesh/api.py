@@ -116,6 +116,7 @@ class ModelStatus(WireModel):
     ttl_s: float | None = None
     last_load_s: float | None = None  # measured on this node; None before the first load
     recent_requests: int = 0  # served on this node in the recent window
+    ctx_size: int | None = None  # its context window in tokens; None: unknown
 
 
 class NodeInventory(WireModel):

@@ -9,6 +9,13 @@
     rolemesh drain|undrain NODE     stop routing to a node and unload its models, or resume
     rolemesh mode NODE DEVICE SET   hold a device for a named set ('auto' releases it)
     rolemesh optimize [NODE]        move pinned models back to their best device
+                                    (exit 4 when a request for MODEL would be refused)
+    rolemesh watch                  the cluster's events as they happen (rolemesh/cli_watch.py)
+    rolemesh up                     a dispatcher and a node agent on this host (cli_up.py)
+    rolemesh routing show|set|edit  the routing table: task types, rules (rolemesh/cli_routing.py)
+    rolemesh check-fit FILE.gguf    a model's memory need per device and in host RAM, and
+                                    where it fits (rolemesh/cli_memory.py)
+    rolemesh simulate --cluster F   replay a trace against a described cluster (simulated)
 
 The dispatcher is at --url or $ROLEMESH_URL (default http://127.0.0.1:8080); a key, when
 the dispatcher wants one, comes from $ROLEMESH_API_KEY. --json prints the raw answer.
@@ -23,11 +30,17 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from rolemesh import cli_lifecycle
-from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
+from rolemesh import (
+    cli_lifecycle,
+    cli_memory,
+    cli_ops,
+    cli_routing,
+    cli_simulate,
+    cli_up,
+    cli_watch,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -44,6 +57,9 @@ def fetch(base: str, path: str, key: str | None) -> Any:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return json.load(resp)
     except urllib.error.HTTPError as exc:
+        said = cli_ops.agent_message(base, path, key) if exc.code == 404 else None
+        if said is not None:
+            raise CliError(said) from exc
         try:
             message = json.load(exc)["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -112,27 +128,6 @@ def show_route(route: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_fit(path: Path, ctx_size: int | None, parallel: int, margin: float,
-              nodes: dict[str, Any] | None) -> str:
-    try:
-        facts = read_gguf_facts(path)
-    except (NotAGGUFFile, OSError) as exc:
-        raise CliError(str(exc)) from exc
-    need = estimate_memory_mb(facts, ctx_size, parallel)
-    lines = [f"{path.name}: {facts.architecture}, {facts.n_layer} layers, file "
-             f"{_mb(-(-facts.file_size_bytes // (1024 * 1024)))}, needs about {_mb(need)} "
-             f"with ctx_size {ctx_size or facts.context_length}"]
-    if nodes is not None:
-        rows = []
-        for n in nodes.get("data", []):
-            for d in n["devices"]:
-                total = d["status"]["memory_total_mb"]
-                fits = "?" if total is None else "yes" if need <= total * margin else "no"
-                rows.append([n["node_id"], d["status"]["device_id"], _mb(total), fits])
-        lines += ["", table(rows, ["NODE", "DEVICE", "TOTAL", f"FITS (x{margin:g})"])]
-    return "\n".join(lines)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rolemesh", description="Operate a RoleMesh cluster.")
     p.add_argument("--url", default=os.environ.get("ROLEMESH_URL", DEFAULT_URL),
@@ -145,24 +140,31 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("route", "explain"):
         r = sub.add_parser(name, help="where a request for MODEL would go, and why")
         r.add_argument("model")
-    f = sub.add_parser("check-fit", help="a GGUF's memory need and where it fits")
-    f.add_argument("gguf", type=Path)
-    f.add_argument("--ctx-size", type=int, default=None)
-    f.add_argument("--parallel", type=int, default=1)
-    f.add_argument("--margin", type=float, default=0.9)
-    f.add_argument("--offline", action="store_true", help="do not ask the dispatcher")
+    cli_watch.add_parser(sub)
+    cli_up.add_parser(sub)
+    cli_memory.add_parser(sub)
+    cli_routing.add_parser(sub)
+    cli_simulate.add_parser(sub)
     cli_lifecycle.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(cli_ops.hoist_global_flags(argv))
+    if getattr(args, "run", None) is not None:  # verbs in modules of their own (watch, up)
+        return int(args.run(args))
+    if args.command == "simulate":
+        return cli_simulate.run(args)
     key = os.environ.get("ROLEMESH_API_KEY")
+    if args.command == "routing":
+        return cli_routing.run(args, args.url, key, args.json)
     try:
         if args.command == "check-fit":
-            nodes = None if args.offline else fetch(args.url, "/v1/nodes", key)
-            print(check_fit(args.gguf, args.ctx_size, args.parallel, args.margin, nodes))
-            return 0
+            offline = args.offline or args.device_mb
+            nodes = None if offline else fetch(args.url, "/v1/nodes", key)
+            text, fits = cli_memory.check_fit(args, nodes, table)
+            print(text)
+            return 0 if fits else cli_memory.EXIT_DOES_NOT_FIT
         if args.command in cli_lifecycle.VERBS:
             data, text = cli_lifecycle.run(args, key)
             print(json.dumps(data, indent=2) if args.json else text)
@@ -181,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             query = urllib.parse.urlencode({"model": args.model})
             data = fetch(args.url, f"/v1/route?{query}", key)
             text = show_route(data) if not args.json else ""
-    except (CliError, cli_lifecycle.LifecycleError) as exc:
+    except (CliError, cli_memory.CheckFitError, cli_lifecycle.LifecycleError) as exc:
         print(f"rolemesh: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else text)
+    if args.command in ("route", "explain") and data.get("error"):
+        return cli_ops.EXIT_REFUSED  # a request for that name would be refused now
     return 0
 
 

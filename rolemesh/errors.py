@@ -47,9 +47,21 @@ class UnknownDevice(BadRequest):
     code = "unknown_device"
 
 
+class ContextTooLong(BadRequest):
+    """The prompt is longer than the context of every model that could take it."""
+
+    code = "context_length_exceeded"
+
+
 class Unauthorized(RoleMeshError):
     status = 401
     code = "invalid_token"
+    type = "authentication_error"
+
+
+class Forbidden(RoleMeshError):
+    status = 403
+    code = "forbidden"
     type = "authentication_error"
 
 
@@ -70,6 +82,14 @@ class NodeNotFound(NotFound):
 class BodyTooLarge(RoleMeshError):
     status = 413
     code = "body_too_large"
+    type = "invalid_request_error"
+
+
+class PreconditionFailed(RoleMeshError):
+    """A write based on a version that is no longer current (If-Match)."""
+
+    status = 412
+    code = "stale_version"
     type = "invalid_request_error"
 
 

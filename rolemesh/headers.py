@@ -16,5 +16,15 @@ PENDING = "X-RoleMesh-Pending"
 # Dispatcher -> client: where the request went.
 ROUTED_TO = "X-RoleMesh-Routed-To"
 
+# Client -> dispatcher: routing hints (docs/routing.md); the answer echoes what was used.
+TASK_TYPE = "X-RoleMesh-Task-Type"  # the task type; on the answer: the one used
+TASK_TYPE_SOURCE = "X-RoleMesh-Task-Type-Source"  # header, metadata, keyword, classifier...
+ROLE = "X-RoleMesh-Role"  # a per-request override of the routing table
+LATENCY = "X-RoleMesh-Latency"  # "realtime"
+# Dispatcher -> client: which routing rule fired, what it chose, any fallback taken.
+RULE = "X-RoleMesh-Rule"
+TARGET = "X-RoleMesh-Target"
+FALLBACK = "X-RoleMesh-Fallback"  # "FROM->TO (why)"
+
 AUTHORIZATION = "Authorization"
 RETRY_AFTER = "Retry-After"

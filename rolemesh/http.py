@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from rolemesh import headers
-from rolemesh.errors import BodyTooLarge, NotFound, RoleMeshError, error_body
+from rolemesh.errors import BadRequest, BodyTooLarge, NotFound, RoleMeshError, error_body
 from rolemesh.openai_body import OPENAI_PATHS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_KEY = web.RequestKey("rolemesh_request_id", str)
+# Set by the stream relay when the client went away mid-answer: the request is logged as
+# `client_gone` with status 499 (the client closed the request), never as a server error.
+CLIENT_GONE_KEY = web.RequestKey("rolemesh_client_gone", bool)
+CLIENT_GONE_STATUS = 499
 
 log = structlog.get_logger("rolemesh.http")
 
@@ -40,19 +46,24 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        status = CLIENT_GONE_STATUS if request.get(CLIENT_GONE_KEY) else response.status
     except RoleMeshError as err:
         status = err.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = CLIENT_GONE_STATUS  # the client left; its handler was cancelled
         raise
     finally:
         # One line per OpenAI request (not per heartbeat): with the request id, on both
         # services, it follows a request from the dispatcher to the node.
         if request.path in OPENAI_PATHS:
             log.info("request.done", path=request.path, status=status,
-                     duration_ms=round((time.perf_counter() - started) * 1000, 2))
+                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                     **({"outcome": "client_gone"} if status == CLIENT_GONE_STATUS else {}))
         # A keep-alive connection serves its requests in one task: nothing of this
         # request may stick to the next one's log lines.
-        structlog.contextvars.unbind_contextvars("request_id", "device", "model")
+        structlog.contextvars.unbind_contextvars("request_id", "device", "model", "node",
+                                                 "model_id")
     if not response.prepared:
         response.headers[headers.REQUEST_ID] = request_id
     return response
@@ -88,6 +99,13 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise BodyTooLarge(f"the request body is over the limit of {max_bytes} bytes") from exc
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # e.g. Content-Encoding: gzip on bytes that are not gzip. The rest of the body
+        # cannot be read either: say it ended (aiohttp would try to drain it after the
+        # answer and fail again) and close the connection after the 400.
+        request.content.feed_eof()
+        raise BadRequest(f"the request body cannot be read: {exc}",
+                         headers={"Connection": "close"}) from exc
 
 
 def request_id_of(request: web.Request) -> str:
@@ -100,3 +118,27 @@ def bearer_token(request: web.Request) -> str | None:
     if scheme.lower() != "bearer" or not token:
         return None
     return token.strip()
+
+
+def _as_bytes(text: str) -> bytes | None:
+    # Header bytes that are not UTF-8 arrive as lone surrogates: such a token is no key.
+    try:
+        return text.encode()
+    except UnicodeError:
+        return None
+
+
+def token_matches(request: web.Request, accepted: str | Sequence[str] | None) -> bool:
+    """Whether the request's bearer token is one of `accepted`; never raises.
+
+    Compared in constant time per key, and every key is compared (no early exit to time).
+    A header with bytes that are not UTF-8, or no header, is simply no match (401).
+    """
+    if not accepted:
+        return False
+    given = bearer_token(request)
+    raw = _as_bytes(given) if given is not None else None
+    found = False
+    for key in (accepted,) if isinstance(accepted, str) else accepted:
+        found |= secrets.compare_digest(raw or b"", key.encode())
+    return found and raw is not None

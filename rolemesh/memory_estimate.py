@@ -11,8 +11,10 @@ import math
 import mmap
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from rolemesh.gguf_tensors import TensorInfo, parse_tensor_infos
 
 GGUF_MAGIC = b"GGUF"
 MIB = 1024 * 1024
@@ -58,6 +60,11 @@ class GGUFFacts:
     n_ff: int | None = None
     key_length: int | None = None  # per head, where it differs from n_embd / n_head
     value_length: int | None = None
+    n_expert: int | None = None  # a mixture of experts: experts per layer, and active ones
+    n_expert_used: int | None = None
+    n_ff_expert: int | None = None  # an expert's width, where it differs from n_ff
+    # The tensor table (names, shapes, types), for placing each tensor on a device.
+    tensors: tuple[TensorInfo, ...] = field(default=(), compare=False, repr=False)
 
 
 class _Header:
@@ -146,6 +153,13 @@ def read_gguf_metadata(path: str | Path) -> tuple[dict[str, Value], dict[str, in
     Arrays longer than a few thousand items (vocabularies, merges) and arrays of strings
     are skipped over, not read: their value is None and their length is in the second dict.
     """
+    values, lengths, _ = read_gguf_header(path)
+    return values, lengths
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict[str, Value], dict[str, int],
+                                                 tuple[TensorInfo, ...]]:
+    """The key/value section as read_gguf_metadata gives it, and the tensor table."""
     file = Path(path)
     try:
         with file.open("rb") as stream:
@@ -157,7 +171,8 @@ def read_gguf_metadata(path: str | Path) -> tuple[dict[str, Value], dict[str, in
         raise NotAGGUFFile(f"{file}: cannot be read: {exc.strerror or exc}") from exc
 
 
-def _parse(header: _Header) -> tuple[dict[str, Value], dict[str, int]]:
+def _parse(header: _Header) -> tuple[dict[str, Value], dict[str, int],
+                                     tuple[TensorInfo, ...]]:
     if header.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
         raise header.fail("not a GGUF file (it does not start with the GGUF magic bytes)")
     version = header.u32()
@@ -166,7 +181,7 @@ def _parse(header: _Header) -> tuple[dict[str, Value], dict[str, int]]:
         version = struct.unpack(">I", struct.pack("<I", version))[0]
     if version not in (2, 3):
         raise header.fail(f"GGUF version {version} is not supported (only 2 and 3)")
-    header.u64()  # tensor count: not needed
+    tensor_count = header.u64()
     kv_count = header.u64()
     if kv_count > _MAX_KV_COUNT:
         raise header.fail(f"the header claims {kv_count} keys: corrupt")
@@ -177,13 +192,13 @@ def _parse(header: _Header) -> tuple[dict[str, Value], dict[str, int]]:
         values[key], length = header.value(header.u32())
         if length is not None:
             lengths[key] = length
-    return values, lengths
+    return values, lengths, parse_tensor_infos(header, tensor_count)
 
 
 def read_gguf_facts(path: str | Path) -> GGUFFacts:
     """The figures of a GGUF model that decide its memory need (reads only the header)."""
     file = Path(path)
-    values, lengths = read_gguf_metadata(file)
+    values, lengths, tensors = read_gguf_header(file)
     arch = values.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise NotAGGUFFile(f"{file}: the GGUF has no general.architecture key")
@@ -205,6 +220,10 @@ def read_gguf_facts(path: str | Path) -> GGUFFacts:
         n_ff=figure("feed_forward_length"),
         key_length=figure("attention.key_length"),
         value_length=figure("attention.value_length"),
+        n_expert=figure("expert_count"),
+        n_expert_used=figure("expert_used_count"),
+        n_ff_expert=figure("expert_feed_forward_length"),
+        tensors=tensors,
     )
 
 

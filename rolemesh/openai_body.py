@@ -7,17 +7,22 @@ risk changing what the client sent.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from rolemesh.errors import BadRequest, InvalidJSON, MissingModel
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Every path llama-server serves that RoleMesh passes through (checked against the
+# llama-server build in use: docs/api.md lists them; tests/real/ calls each one).
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
+                "/infill", "/v1/messages", "/v1/responses", "/tokenize", "/detokenize")
 
 
 @dataclass(frozen=True)
 class OpenAIRequestHead:
     model: str
     stream: bool
+    data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def parse_request_head(body: bytes) -> OpenAIRequestHead:
@@ -25,6 +30,8 @@ def parse_request_head(body: bytes) -> OpenAIRequestHead:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # json.loads recurses once per level of nesting
+        raise InvalidJSON("the request body is nested too deeply to read") from exc
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
     model = data.get("model")
@@ -35,4 +42,4 @@ def parse_request_head(body: bytes) -> OpenAIRequestHead:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false")
-    return OpenAIRequestHead(model=model, stream=stream)
+    return OpenAIRequestHead(model=model, stream=stream, data=data)

@@ -1,9 +1,17 @@
 """Forwarding an OpenAI request's bytes to an upstream and its answer back, unbuffered.
 
-Shared by the node agent (agent -> llama-server) and usable by the dispatcher. The body
-goes out untouched; an SSE answer goes back chunk by chunk as it arrives, and if the
-upstream breaks after the first byte the client gets a terminal SSE error event instead
-of a silent hang or a truncated stream.
+Shared by the node agent (agent -> llama-server) and the dispatcher (dispatcher -> agent).
+The body goes out untouched; an SSE answer goes back chunk by chunk as it arrives.
+
+How a relayed stream can end, and what the client sees (`StreamEnd`):
+- the upstream finished: its bytes, as they were (`clean`; `error_event` when its last
+  event was an SSE error event, which counts as a broken stream in metrics);
+- the upstream broke after the first byte, or sent nothing for `idle_timeout_s`: the bytes
+  so far, then exactly one terminal `data: {"error": ...}` event (code `upstream_failed`
+  or `upstream_timeout`), no `[DONE]`; the upstream connection is closed, which makes it
+  stop generating and frees its place;
+- the client went away: nothing more is written (there is no one to write to), the upstream
+  is closed, and the request is marked `client_gone` for the log line (never a traceback).
 """
 
 from __future__ import annotations
@@ -11,14 +19,42 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from rolemesh.errors import GatewayTimeout, UpstreamFailed
+from rolemesh.http import CLIENT_GONE_KEY
+
+log = structlog.get_logger("rolemesh.proxying")
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
                         "content-encoding", "server", "date"})
+TAIL_BYTES = 4096  # enough of a stream's end to find its last event
+# A connection the pool thought alive but the upstream had closed (llama-server closes
+# after each streamed answer while its headers say keep-alive) fails like this before a
+# byte of the answer arrives: the request never reached a generation, so sending it again
+# on another connection is safe. A refused connection (ClientConnectorError, a subclass)
+# is not stale: the upstream is gone.
+STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+class StreamEnd(StrEnum):
+    CLEAN = "clean"
+    ERROR_EVENT = "error_event"  # the upstream ended the stream with an SSE error event
+    BROKEN = "broken"
+    TIMEOUT = "timeout"
+    CLIENT_GONE = "client_gone"
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    response: web.StreamResponse
+    end: StreamEnd
+    error: str | None = None  # why it broke, for the log
 
 
 def sse_error_event(message: str, code: str = "upstream_failed",
@@ -27,8 +63,19 @@ def sse_error_event(message: str, code: str = "upstream_failed",
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
+def ends_with_error_event(tail: bytes) -> bool:
+    """Whether the last SSE event in `tail` is an error event (`data: {"error": ...}`)."""
+    last = tail.rstrip().rsplit(b"\n\n", 1)[-1].strip()
+    if not last.startswith(b"data:"):
+        return False
+    return last[len(b"data:"):].lstrip().startswith(b'{"error"')
+
+
 def _copy_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+    # CORS headers come from this service's config (rolemesh.cors), never from upstream:
+    # llama-server sends an empty Access-Control-Allow-Origin on every answer.
+    out = {k: v for k, v in upstream.headers.items()
+           if k.lower() not in HOP_BY_HOP and not k.lower().startswith("access-control-")}
     out.update(extra)
     return out
 
@@ -36,13 +83,25 @@ def _copy_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) ->
 async def open_upstream(http: aiohttp.ClientSession, url: str, body: bytes,
                         headers: Mapping[str, str],
                         timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-    """POST and wait for the status line; connection failures become UpstreamFailed."""
-    try:
-        return await http.post(url, data=body, headers=headers, timeout=timeout)
-    except TimeoutError as exc:
-        raise GatewayTimeout(f"the upstream did not answer in time ({url})") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailed(f"the upstream failed before answering: {exc}") from exc
+    """POST and wait for the status line; connection failures become UpstreamFailed.
+
+    A stale pooled connection (see STALE_CONNECTION) is retried once: the failed one is
+    dropped from the pool, so the retry goes out on another.
+    """
+    for attempt in (1, 2):
+        try:
+            return await http.post(url, data=body, headers=headers, timeout=timeout)
+        except TimeoutError as exc:
+            raise GatewayTimeout(f"the upstream did not answer in time ({url})") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamFailed(f"the upstream failed before answering: {exc}") from exc
+        except STALE_CONNECTION as exc:
+            if attempt == 2:
+                raise UpstreamFailed(f"the upstream failed before answering: {exc}") from exc
+            log.debug("upstream.stale_connection_retried", error=repr(exc))
+        except aiohttp.ClientError as exc:
+            raise UpstreamFailed(f"the upstream failed before answering: {exc}") from exc
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def read_whole(upstream: aiohttp.ClientResponse) -> bytes:
@@ -62,34 +121,68 @@ def buffered_response(upstream: aiohttp.ClientResponse, body: bytes,
                         headers=_copy_headers(upstream, extra_headers))
 
 
-async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse,
-                      extra_headers: Mapping[str, str]) -> web.StreamResponse:
-    """Relay the upstream's body to the client as it arrives.
+async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
+                       extra_headers: Mapping[str, str], *,
+                       idle_timeout_s: float | None = None) -> Relayed:
+    """Relay the upstream's body to the client as it arrives; say how it ended.
 
-    Returns once the upstream ended or broke (a terminal SSE error then ends the stream);
-    a client that goes away raises ConnectionResetError and the upstream is closed, which
-    makes llama-server cancel the generation.
+    Returns in every case (the response is prepared, or the client is gone); never raises
+    for the client's or the upstream's failures.
     """
     response = web.StreamResponse(status=upstream.status,
                                   headers=_copy_headers(upstream, extra_headers))
-    clean = False
+    end = StreamEnd.CLIENT_GONE
+    error: str | None = "the client went away"
     try:
-        await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            message = ("the upstream stopped answering" if isinstance(exc, asyncio.TimeoutError)
-                       else f"the upstream failed mid-stream: {exc}")
-            await response.write(sse_error_event(message))
-        else:
-            clean = True
-        await response.write_eof()
+            await response.prepare(request)
+            end, error, tail = await _pump(upstream, response, idle_timeout_s)
+            if end is StreamEnd.TIMEOUT:
+                await response.write(sse_error_event(f"{error}; the stream was ended",
+                                                     code="upstream_timeout"))
+            elif end is StreamEnd.BROKEN:
+                await response.write(sse_error_event(error or "the upstream failed"))
+            elif ends_with_error_event(tail):
+                end = StreamEnd.ERROR_EVENT
+            await response.write_eof()
+        except ConnectionError:  # only writes to the client raise it out of _pump
+            end, error = StreamEnd.CLIENT_GONE, "the client went away"
+            request[CLIENT_GONE_KEY] = True
+        return Relayed(response, end, error)
     finally:
         # A cleanly finished upstream goes back to the keep-alive pool; any other ending
         # closes it so the upstream notices and stops generating.
-        if clean:
+        if end is StreamEnd.CLEAN and upstream.content.is_eof():
             upstream.release()
         else:
             upstream.close()
-    return response
+
+
+async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse,
+                idle_timeout_s: float | None) -> tuple[StreamEnd, str | None, bytes]:
+    """Copy chunks until the upstream ends, breaks or stalls: (how, why, the last bytes)."""
+    # iter_any rather than readany: callers may wrap the content to watch its chunks.
+    chunks = upstream.content.iter_any().__aiter__()
+    tail = b""
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return StreamEnd.CLEAN, None, tail
+        except TimeoutError:
+            return StreamEnd.TIMEOUT, f"the upstream sent nothing for {idle_timeout_s} s", tail
+        except (aiohttp.ClientError, OSError) as exc:
+            return StreamEnd.BROKEN, f"the upstream failed mid-stream: {exc}", tail
+        await response.write(chunk)
+        tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else \
+            (tail + chunk)[-TAIL_BYTES:]
+
+
+async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse,
+                      extra_headers: Mapping[str, str], *,
+                      idle_timeout_s: float | None = None) -> web.StreamResponse:
+    """relay_stream for callers that only need the response."""
+    relayed = await relay_stream(request, upstream, extra_headers,
+                                 idle_timeout_s=idle_timeout_s)
+    return relayed.response

@@ -86,6 +86,9 @@ class _Shape:
     n_head: int
     n_head_kv: int
     n_ff: int
+    n_expert: int = 0  # 0: a dense model; otherwise a Mixtral-style MoE in the llama arch
+    n_expert_used: int = 0
+    n_vocab: int = N_VOCAB  # above N_VOCAB: padding tokens that are never written
 
     @property
     def head_dim(self) -> int:
@@ -105,12 +108,18 @@ def default_n_head(n_embd: int) -> int:
 def write_tiny_model(path: str | Path, *, charset: str, n_embd: int = 64, n_layer: int = 2,
                      n_head: int | None = None, n_head_kv: int | None = None,
                      n_ff: int | None = None, context_length: int = 2048, seed: int = 0,
-                     tensor_type: TensorType = "f16") -> Path:
+                     tensor_type: TensorType = "f16", n_expert: int = 0,
+                     n_expert_used: int = 2, n_vocab: int = N_VOCAB) -> Path:
     """Write a llama GGUF that can only generate characters from `charset`; returns its path.
 
     The file is written tensor by tensor, so memory stays small even for big sizes, and
     the same arguments always give the same bytes. n_head defaults to one head per 64 of
     width (at least 4), n_head_kv to n_head, n_ff to 8/3 of the width.
+
+    n_expert > 0 writes a mixture of experts the way Mixtral is stored in the llama
+    architecture: a router `ffn_gate_inp` and stacked `ffn_{gate,up,down}_exps` tensors of
+    n_expert experts each n_ff wide, n_expert_used of them active per token. These are the
+    tensors llama.cpp's --cpu-moe / --n-cpu-moe keep in host memory.
     """
     allowed = allowed_token_ids(charset)
     n_head = n_head or default_n_head(n_embd)
@@ -121,7 +130,13 @@ def write_tiny_model(path: str | Path, *, charset: str, n_embd: int = 64, n_laye
         raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({kv_heads})")
     if n_layer < 1 or context_length < 1:
         raise ValueError("n_layer and context_length must be positive")
-    shape = _Shape(n_embd, n_layer, n_head, kv_heads, n_ff or default_n_ff(n_embd))
+    if n_expert < 0 or (n_expert and not 1 <= n_expert_used <= n_expert):
+        raise ValueError(f"n_expert_used ({n_expert_used}) must be between 1 and n_expert "
+                         f"({n_expert})")
+    if n_vocab < N_VOCAB:
+        raise ValueError(f"n_vocab ({n_vocab}) must be at least {N_VOCAB}, the byte vocabulary")
+    shape = _Shape(n_embd, n_layer, n_head, kv_heads, n_ff or default_n_ff(n_embd),
+                   n_expert, n_expert_used if n_expert else 0, n_vocab)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -148,13 +163,16 @@ def _add_metadata(writer: gguf.GGUFWriter, shape: _Shape, charset: str, context_
     writer.add_string("rolemesh.tiny.charset", charset)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if tensor_type == "f16"
                          else gguf.LlamaFileType.ALL_F32)
-    writer.add_vocab_size(N_VOCAB)
+    writer.add_vocab_size(shape.n_vocab)
     writer.add_context_length(context_length)
     writer.add_embedding_length(shape.n_embd)
     writer.add_block_count(shape.n_layer)
     writer.add_feed_forward_length(shape.n_ff)
     writer.add_head_count(shape.n_head)
     writer.add_head_count_kv(shape.n_head_kv)
+    if shape.n_expert:
+        writer.add_expert_count(shape.n_expert)
+        writer.add_expert_used_count(shape.n_expert_used)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_rope_freq_base(10000.0)
@@ -162,9 +180,11 @@ def _add_metadata(writer: gguf.GGUFWriter, shape: _Shape, charset: str, context_
     byte_tokens = bytes_to_unicode()
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")  # llama.cpp refuses "gpt2" here; any works for bytes
-    writer.add_token_list([byte_tokens[b] for b in range(256)] + list(SPECIAL_TOKENS))
+    padding = [f"<|pad_{i}|>" for i in range(shape.n_vocab - N_VOCAB)]
+    writer.add_token_list([byte_tokens[b] for b in range(256)] + list(SPECIAL_TOKENS)
+                          + padding)
     writer.add_token_types([gguf.TokenType.NORMAL] * 256
-                           + [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS))
+                           + [gguf.TokenType.CONTROL] * (len(SPECIAL_TOKENS) + len(padding)))
     # llama.cpp refuses a gpt2 vocab without merges; one merge whose result is not in the
     # vocab is harmless (the tokenizer falls back to the byte tokens).
     writer.add_token_merges([f"{byte_tokens[0x0A]} {byte_tokens[0x0A]}"])
@@ -197,7 +217,7 @@ def _tensor_plan(shape: _Shape, allowed: list[int], tensor_type: TensorType,
         return np.ones(n, dtype=np.float32)
 
     def embeddings() -> _Array:
-        emb = normal(N_VOCAB, n, 1.0)
+        emb = normal(shape.n_vocab, n, 1.0)
         emb[:, 0] = 2.0 * math.sqrt(n)  # the constant component the output bias reads
         return emb
 
@@ -211,17 +231,26 @@ def _tensor_plan(shape: _Shape, allowed: list[int], tensor_type: TensorType,
             return w
         return make
 
+    def experts(rows: int, cols: int, std: float, *, writes: bool) -> Callable[[], _Array]:
+        def make() -> _Array:
+            w = rng.standard_normal((shape.n_expert, rows, cols), dtype=np.float32)
+            w *= np.float32(std)
+            if writes:
+                w[:, 0, :] = 0.0  # no expert may disturb the constant component either
+            return w
+        return make
+
     def output() -> _Array:
         # After the final RMS norm, dimension 0 is about 0.9·sqrt(n) and the rest about 0.45.
-        w = normal(N_VOCAB, n, 3.0 / math.sqrt(n))
+        w = normal(shape.n_vocab, n, 3.0 / math.sqrt(n))
         w[:, 0] = 0.0
-        banned = np.ones(N_VOCAB, dtype=bool)
+        banned = np.ones(shape.n_vocab, dtype=bool)
         banned[allowed] = False
         w[banned, :] = 0.0
         w[banned, 0] = -1000.0 / math.sqrt(n)  # about -900 logits: never, at any temperature
         return w
 
-    yield "token_embd.weight", (N_VOCAB, n), matrix_dtype, matrix(embeddings)
+    yield "token_embd.weight", (shape.n_vocab, n), matrix_dtype, matrix(embeddings)
     q, kv, ff = shape.n_head * hd, shape.n_head_kv * hd, shape.n_ff
     for i in range(shape.n_layer):
         blk = f"blk.{i}."
@@ -231,11 +260,86 @@ def _tensor_plan(shape: _Shape, allowed: list[int], tensor_type: TensorType,
         yield blk + "attn_v.weight", (kv, n), matrix_dtype, matrix(residual_read(kv))
         yield blk + "attn_output.weight", (n, q), matrix_dtype, matrix(residual_write(n, q))
         yield blk + "ffn_norm.weight", (n,), np.float32, ones
+        if shape.n_expert:
+            ne = shape.n_expert
+            # The router stays f32 like llama.cpp's converters write it.
+            yield blk + "ffn_gate_inp.weight", (ne, n), np.float32, residual_read(ne)
+            read, write = n**-0.5, 0.1 / math.sqrt(ff)
+            yield (blk + "ffn_gate_exps.weight", (ne, ff, n), matrix_dtype,
+                   matrix(experts(ff, n, read, writes=False)))
+            yield (blk + "ffn_up_exps.weight", (ne, ff, n), matrix_dtype,
+                   matrix(experts(ff, n, read, writes=False)))
+            yield (blk + "ffn_down_exps.weight", (ne, n, ff), matrix_dtype,
+                   matrix(experts(n, ff, write, writes=True)))
+            continue
         yield blk + "ffn_gate.weight", (ff, n), matrix_dtype, matrix(residual_read(ff))
         yield blk + "ffn_up.weight", (ff, n), matrix_dtype, matrix(residual_read(ff))
         yield blk + "ffn_down.weight", (n, ff), matrix_dtype, matrix(residual_write(n, ff))
     yield "output_norm.weight", (n,), np.float32, ones
-    yield "output.weight", (N_VOCAB, n), matrix_dtype, matrix(output)
+    yield "output.weight", (shape.n_vocab, n), matrix_dtype, matrix(output)
+
+
+def write_tiny_projector(path: str | Path, *, text_n_embd: int, n_embd: int = 256,
+                         n_layer: int = 2, n_head: int = 4, n_ff: int = 1024,
+                         image_size: int = 224, patch_size: int = 14, seed: int = 0) -> Path:
+    """Write a LLaVA-style vision projector (mmproj, `clip` with an `mlp` projector) that
+    llama-server loads with --mmproj beside a tiny model of width text_n_embd.
+
+    A ViT of n_layer blocks over (image_size / patch_size)^2 patches plus a class token,
+    then two linear layers to the text model's width. Random weights: images are accepted
+    and become image tokens, but the text model still writes only its own charset.
+    """
+    if image_size % patch_size or n_embd % n_head:
+        raise ValueError("image_size must be a multiple of patch_size, n_embd of n_head")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(out, "clip")
+    try:
+        writer.add_bool("clip.has_vision_encoder", True)
+        writer.add_string("clip.projector_type", "mlp")
+        for key, value in {"image_size": image_size, "patch_size": patch_size,
+                           "embedding_length": n_embd, "feed_forward_length": n_ff,
+                           "block_count": n_layer, "attention.head_count": n_head,
+                           "projection_dim": text_n_embd}.items():
+            writer.add_uint32(f"clip.vision.{key}", value)
+        writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+        writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+        writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+        writer.add_bool("clip.use_gelu", True)
+
+        def add(name: str, shape: tuple[int, ...], dtype: type[np.floating]) -> None:
+            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            writer.add_tensor(name, values.astype(dtype))
+
+        f16, f32 = np.float16, np.float32
+        add("v.patch_embd.weight", (n_embd, 3, patch_size, patch_size), f16)
+        add("v.class_embd", (n_embd,), f32)
+        add("v.position_embd.weight", ((image_size // patch_size) ** 2 + 1, n_embd), f16)
+        add("v.pre_ln.weight", (n_embd,), f32)
+        add("v.pre_ln.bias", (n_embd,), f32)
+        for i in range(n_layer):
+            blk = f"v.blk.{i}."
+            for norm in ("ln1", "ln2"):
+                add(blk + norm + ".weight", (n_embd,), f32)
+                add(blk + norm + ".bias", (n_embd,), f32)
+            for proj in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                add(blk + proj + ".weight", (n_embd, n_embd), f16)
+                add(blk + proj + ".bias", (n_embd,), f32)
+            add(blk + "ffn_up.weight", (n_ff, n_embd), f16)
+            add(blk + "ffn_up.bias", (n_ff,), f32)
+            add(blk + "ffn_down.weight", (n_embd, n_ff), f16)
+            add(blk + "ffn_down.bias", (n_embd,), f32)
+        add("mm.0.weight", (text_n_embd, n_embd), f16)
+        add("mm.0.bias", (text_n_embd,), f32)
+        add("mm.2.weight", (text_n_embd, text_n_embd), f16)
+        add("mm.2.bias", (text_n_embd,), f32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return out
 
 
 def write_demo_models(directory: str | Path) -> dict[str, Path]:
@@ -260,13 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-type", choices=["f16", "f32"], default="f16")
+    parser.add_argument("--n-expert", type=int, default=0, help="0: dense; N: a MoE")
+    parser.add_argument("--n-vocab", type=int, default=N_VOCAB)
+    parser.add_argument("--n-expert-used", type=int, default=2)
     args = parser.parse_args(argv)
     try:
         path = write_tiny_model(
             args.out, charset=PRESETS.get(args.charset, args.charset), n_embd=args.n_embd,
             n_layer=args.n_layer, n_head=args.n_head, n_head_kv=args.n_head_kv,
             n_ff=args.n_ff, context_length=args.context_length, seed=args.seed,
-            tensor_type=args.tensor_type)
+            tensor_type=args.tensor_type, n_expert=args.n_expert,
+            n_expert_used=args.n_expert_used, n_vocab=args.n_vocab)
     except ValueError as exc:
         parser.error(str(exc))
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from typing import Any, Protocol
 
 from node_agent.backends import BackendUnavailable, DeviceFigures
@@ -21,6 +22,9 @@ class Nvml(Protocol):
         """(total, used, free) in bytes."""
         ...
     def utilization_pct(self, index: int) -> float | None: ...
+    def process_memory_bytes(self, index: int) -> dict[int, int]:
+        """{pid: bytes used on this GPU} for each compute process running on it."""
+        ...
 
 
 class PynvmlAdapter:
@@ -63,6 +67,12 @@ class PynvmlAdapter:
         except self._nvml.NVMLError:
             return None  # some GPUs (and MIG slices) do not report it
 
+    def process_memory_bytes(self, index: int) -> dict[int, int]:
+        processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle(index))
+        # usedGpuMemory is None where the driver does not say (some containers, Windows WDDM)
+        return {int(p.pid): int(p.usedGpuMemory) for p in processes
+                if getattr(p, "usedGpuMemory", None) is not None}
+
 
 class CudaBackend:
     name = "cuda"
@@ -84,6 +94,17 @@ class CudaBackend:
                 f"gpu:{i}", self._names[i], total // _MB, used // _MB, free // _MB,
                 self._nvml.utilization_pct(i),
                 pin_env=(("CUDA_VISIBLE_DEVICES", str(i)),)))
+        return out
+
+    def process_memory_mb(self, pids: Collection[int]) -> dict[str, int]:
+        """What these processes (one llama-server and its children) use on each GPU, in MB;
+        a GPU they do not use is left out."""
+        wanted, out = set(pids), {}
+        for i in range(self._count):
+            used = sum(b for pid, b in self._nvml.process_memory_bytes(i).items()
+                       if pid in wanted)
+            if used:
+                out[f"gpu:{i}"] = -(-used // _MB)
         return out
 
     def close(self) -> None:

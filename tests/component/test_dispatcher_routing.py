@@ -115,7 +115,7 @@ async def test_route_for_an_unknown_name_says_what_a_request_would_get():
 
 async def test_models_lists_model_ids_roles_and_aliases_the_cluster_serves():
     a = FakeAgent("node-a", [FakeDevice("gpu:0")], MODELS)
-    config = dispatcher_config(roles={"planning": "planner", "code": "coder",
+    config = dispatcher_config(aliases={"planning": "planner", "code": "coder",
                                       "writing": "writer"})
     async with running_agents(a), running_dispatcher(config) as d, \
             aiohttp.ClientSession() as s:
@@ -136,16 +136,18 @@ async def test_models_lists_model_ids_roles_and_aliases_the_cluster_serves():
         assert all(m["object"] == "model" for m in listing["data"])
 
 
-async def test_an_alias_reaches_the_agent_naming_the_model_it_stands_for_bytes_untouched():
+async def test_an_alias_reaches_the_agent_with_the_body_naming_the_model_it_stands_for():
     a = FakeAgent("node-a", [FakeDevice("gpu:0")], MODELS)
-    config = dispatcher_config(roles={"code": "coder"})
+    config = dispatcher_config(aliases={"code": "coder"})
     async with running_agents(a), running_dispatcher(config) as d, \
             aiohttp.ClientSession() as s:
         await a.register(s, d.url)
         status, _, answer = await post(s, d.url, chat("code"))
         assert status == 200
         assert content(answer) == "node-a/gpu:0/coder-7b"
-        assert a.seen[0].body == chat("code")  # the client's body, not re-encoded
+        # the client's body, but `model` names the model that answers (it echoes it back)
+        assert a.seen[0].body == {**chat("code"), "model": "coder-7b"}
+        assert answer["model"] == "coder-7b"
         assert a.seen[0].model_header == "coder-7b"
 
 

@@ -33,6 +33,7 @@ from rolemesh.api import (
     SlotState,
 )
 from rolemesh.errors import error_body
+from rolemesh.openai_body import OPENAI_PATHS
 
 
 @dataclass
@@ -56,6 +57,7 @@ class FakeModel:
     memory_need_mb: int = 4000
     last_load_s: float | None = None
     recent_requests: int = 0
+    ctx_size: int | None = None
 
 
 @dataclass
@@ -68,6 +70,9 @@ class Knobs:
     stream_gate: asyncio.Event | None = None  # after the first chunk, wait for this
     die_after_chunks: int | None = None  # drop the connection after this many chunks
     drop_before_answer: bool = False  # drop the connection without answering
+    answer_text: str | None = None  # the answer's content instead of node/device/model
+    bad_gateway: bool = False  # answer 502 upstream_failed (its llama-server died first)
+    error_event_after_chunks: int | None = None  # end the stream with an SSE error event
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,8 @@ class FakeAgent:
     def model_statuses(self) -> list[ModelStatus]:
         return [ModelStatus(model_id=m.model_id, roles=m.roles, file_size_mb=m.memory_need_mb,
                             memory_need_mb=m.memory_need_mb, last_load_s=m.last_load_s,
-                            recent_requests=m.recent_requests) for m in self.models.values()]
+                            recent_requests=m.recent_requests, ctx_size=m.ctx_size)
+                for m in self.models.values()]
 
     def inventory(self) -> NodeInventory:
         self.seq += 1
@@ -159,7 +165,7 @@ class FakeAgent:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self._health)
-        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        for path in OPENAI_PATHS:
             app.router.add_post(path, self._openai)
         return app
 
@@ -216,6 +222,9 @@ class FakeAgent:
             assert request.transport is not None
             request.transport.close()
             return web.Response()
+        if knobs.bad_gateway:
+            return self._error(502, "upstream_failed", "fake: llama-server is gone",
+                               self.state_headers(device))
         if knobs.busy or knobs.not_ready:
             code = "device_busy" if knobs.busy else "model_not_ready"
             return self._error(503, code, f"fake {code}", {
@@ -225,7 +234,7 @@ class FakeAgent:
             if knobs.hold is not None:
                 await knobs.hold.wait()
             device.loaded_model = models[0]
-            text = f"{self.node_id}/{device.device_id}/{models[0]}"
+            text = knobs.answer_text or f"{self.node_id}/{device.device_id}/{models[0]}"
             if body.get("stream"):
                 return await self._stream(request, device, text)
         finally:
@@ -242,6 +251,11 @@ class FakeAgent:
                                                "Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(knobs.stream_chunks):
+            if knobs.error_event_after_chunks is not None and i == knobs.error_event_after_chunks:
+                await response.write(b'data: {"error": {"message": "fake crash", '
+                                     b'"type": "server_error", "code": "upstream_failed"}}\n\n')
+                await response.write_eof()
+                return response
             if knobs.die_after_chunks is not None and i == knobs.die_after_chunks:
                 assert request.transport is not None
                 request.transport.close()

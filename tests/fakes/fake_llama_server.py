@@ -16,6 +16,11 @@ Knobs, each an environment variable and a flag (the flag wins):
   FAKE_LLAMA_IGNORE_SIGTERM --fake-ignore-sigterm    only SIGKILL stops it
   FAKE_LLAMA_EXIT_AT_START  --fake-exit-at-start C   print an error and exit with code C
   FAKE_LLAMA_RECORD         --fake-record PATH       append {argv, env, pid} as a JSON line
+  FAKE_LLAMA_CLOSE_AFTER_STREAM --fake-close-after-stream  close the connection after each
+                                                     streamed answer while its headers say
+                                                     keep-alive (like the real llama-server)
+  FAKE_LLAMA_STALL_AFTER_TOKENS --fake-stall-after-tokens N  a stream stops sending after N
+                                                     tokens (the connection stays open)
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ KNOBS = {  # flag → (field, environment variable, type)
     "--fake-ignore-sigterm": ("ignore_sigterm", "FAKE_LLAMA_IGNORE_SIGTERM", bool),
     "--fake-exit-at-start": ("exit_at_start", "FAKE_LLAMA_EXIT_AT_START", int),
     "--fake-record": ("record", "FAKE_LLAMA_RECORD", str),
+    "--fake-close-after-stream": ("close_after_stream", "FAKE_LLAMA_CLOSE_AFTER_STREAM", bool),
+    "--fake-stall-after-tokens": ("stall_after_tokens", "FAKE_LLAMA_STALL_AFTER_TOKENS", int),
 }
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "on", "yes"}, {"0", "false", "off", "no", ""}
 
@@ -81,6 +88,8 @@ class Options:
     ignore_sigterm: bool = False
     exit_at_start: int | None = None
     record: str | None = None
+    close_after_stream: bool = False
+    stall_after_tokens: int | None = None
 
     @property
     def stem(self) -> str:
@@ -230,7 +239,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         raw = self.read_body()
         if path not in ("/v1/chat/completions", "/chat/completions", "/v1/completions",
-                        "/completions", "/v1/embeddings", "/embeddings"):
+                        "/completions", "/v1/embeddings", "/embeddings", *OTHER_ENDPOINTS):
             self.send_error_json(404, "File Not Found", "not_found_error")
             return
         if self.refuse_while_loading():
@@ -245,6 +254,8 @@ class Handler(BaseHTTPRequestHandler):
                                  "invalid_request_error")
         elif path.endswith("embeddings"):
             self.embeddings(body)
+        elif path in OTHER_ENDPOINTS:
+            self.send_json(200, other_endpoint(path, body, self.server.options.model_name))
         else:
             self.complete(body, chat=path.endswith("chat/completions"))
 
@@ -305,6 +316,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def stream(self, words: list[str], meta: dict[str, Any], usage: dict[str, int] | None, *,
                chat: bool, dies: bool) -> None:
+        options = self.server.options
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")  # keeps the connection reusable
@@ -327,6 +339,9 @@ class Handler(BaseHTTPRequestHandler):
         if chat and not piece(None, role=True):
             return
         for i, word in enumerate(words):
+            if options.stall_after_tokens is not None and i >= options.stall_after_tokens:
+                self.stall()
+                return
             self.pace(i)
             if not piece(word):
                 return  # the client went away: stop generating, like the real server
@@ -336,6 +351,23 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.chunk(b"data: [DONE]\n\n"):
             self.chunk(b"")
+        if options.close_after_stream:
+            # The headers said nothing of closing (HTTP/1.1: keep-alive), as the real one.
+            self.close_connection = True
+
+    def stall(self) -> None:
+        """Send nothing more, keep the connection open, until the client goes away."""
+        log("fake: stalling mid-stream (--fake-stall-after-tokens)")
+        self.connection.settimeout(0.2)
+        while True:
+            try:
+                if self.connection.recv(1) == b"":
+                    break  # the client closed its end
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        self.close_connection = True
 
     def chunk(self, data: bytes) -> bool:
         """Send one chunk of the chunked body (empty = the end); False if the client left."""
@@ -363,6 +395,32 @@ class Handler(BaseHTTPRequestHandler):
         tokens = sum(len(str(t).encode()) for t in texts)
         self.send_json(200, {"object": "list", "model": options.model_name, "data": data,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+OTHER_ENDPOINTS = ("/v1/rerank", "/infill", "/v1/messages", "/v1/responses", "/tokenize",
+                   "/detokenize")
+
+
+def other_endpoint(path: str, body: dict[str, Any], model: str) -> dict[str, Any]:
+    """The shape of llama-server's answer on its other endpoints, minimal but real."""
+    if path == "/tokenize":
+        return {"tokens": list(str(body.get("content", "")).encode())}
+    if path == "/detokenize":
+        return {"content": bytes(t % 256 for t in body.get("tokens", [])).decode(errors="replace")}
+    if path == "/v1/rerank":
+        docs = body.get("documents") or []
+        return {"model": model, "object": "list", "results": [
+            {"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]}
+    if path == "/v1/messages":
+        return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+                "model": model, "content": [{"type": "text", "text": "fake"}],
+                "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}}
+    if path == "/v1/responses":
+        return {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "model": model,
+                "status": "completed", "output": [{"type": "message", "role": "assistant",
+                                                   "content": [{"type": "output_text",
+                                                                "text": "fake"}]}]}
+    return {"content": "fake", "model": model, "stop": True}  # /infill
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:

@@ -18,10 +18,12 @@ MB = 1024 * 1024
 class FakeNvml:
     """NVML behind the backend's seam: fixed GPUs, records shutdown."""
 
-    def __init__(self, gpus: list[tuple[str, int, int]], fail_init: bool = False) -> None:
+    def __init__(self, gpus: list[tuple[str, int, int]], fail_init: bool = False,
+                 processes: dict[int, dict[int, int]] | None = None) -> None:
         self.gpus = gpus
         self.fail_init = fail_init
         self.shut_down = False
+        self.processes = processes or {}  # gpu index -> {pid: bytes}, as NVML reports it
 
     def init(self) -> None:
         if self.fail_init:
@@ -42,6 +44,9 @@ class FakeNvml:
 
     def utilization_pct(self, index: int) -> float | None:
         return 10.0 * index if index else None
+
+    def process_memory_bytes(self, index: int) -> dict[int, int]:
+        return dict(self.processes.get(index, {}))
 
 
 def test_cuda_backend_reports_each_gpu_pinned_by_index():
@@ -128,3 +133,13 @@ def test_auto_falls_back_to_cpu_on_a_host_without_nvidia_gpus():
     backend = select_backend("auto")
     assert backend.name in ("cpu", "cuda")
     assert backend.devices()
+
+
+def test_cuda_backend_measures_a_process_tree_per_gpu_from_nvml():
+    nvml = FakeNvml([("A", 24 * 1024 * MB, 0), ("B", 24 * 1024 * MB, 0)],
+                    processes={0: {100: 5000 * MB, 999: 300 * MB}, 1: {101: 2500 * MB + 1}})
+    backend = CudaBackend(nvml)
+    # pid 100 is the llama-server, 101 its child; 999 is somebody else's
+    assert backend.process_memory_mb([100, 101]) == {"gpu:0": 5000, "gpu:1": 2501}
+    assert backend.process_memory_mb([100]) == {"gpu:0": 5000}
+    assert backend.process_memory_mb([42]) == {}

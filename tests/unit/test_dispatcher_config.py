@@ -33,7 +33,8 @@ def test_an_empty_config_gets_every_default():
     assert c.node_timeout_s == 15.0
     assert c.node_forget_s == 60.0
     assert c.vram_safety_margin == 0.9
-    assert c.roles == {}
+    assert c.aliases == {}
+    assert c.routing.task_types == {}
     assert c.api_keys is None
     assert c.max_body_bytes == 16 * 1024 * 1024
     assert c.request_timeout_s == 600.0
@@ -53,7 +54,7 @@ def test_explicit_timeouts_are_kept():
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("listen_prot: 80", "d.yaml: listen_prot: unknown key"),
-    ("roles: {planning: planner}\nrole: {}", "d.yaml: role: unknown key"),
+    ("aliases: {planning: planner}\nrole: {}", "d.yaml: role: unknown key"),
     ("listen_port: 70000", "d.yaml: listen_port: Input should be less than or equal to 65535"),
     ("vram_safety_margin: 1.5", "d.yaml: vram_safety_margin: Input should be less than or "
                                 "equal to 1"),
@@ -63,9 +64,22 @@ def test_explicit_timeouts_are_kept():
      "d.yaml: node_forget_s: 10 must be longer than node_timeout_s (10)"),
     ("api_keys: []", "d.yaml: api_keys: an empty list would refuse every client"),
     ("api_keys: ['']", "d.yaml: api_keys: an api key cannot be empty"),
-    ("roles: {code: 'my coder'}", "d.yaml: roles: code: 'my coder' is not a role or model id"),
-    ("roles: {code: code}", "d.yaml: roles: code: an alias cannot name itself"),
+    ("aliases: {code: 'my coder'}",
+     "d.yaml: aliases: code: 'my coder' is not a role or model id"),
+    ("aliases: {code: code}", "d.yaml: aliases: code: an alias cannot name itself"),
+    ("aliases: {a: b, b: coder}", "d.yaml: aliases: a: 'b' is itself an alias"),
     ("roles: {a: b, b: coder}", "d.yaml: roles: a: 'b' is itself an alias"),
+    ("roles: {a: coder}\naliases: {b: coder}", "d.yaml: roles: is the old name of aliases"),
+    ("admin_keys: []", "d.yaml: admin_keys: an empty list would refuse every client"),
+    ("routing: {task_types: {infra: operator}, keyword_rules: [{pattern: k8s, "
+     "task_type: infar}]}", "d.yaml: routing: keyword_rules.0: task type 'infar' has no row"),
+    ("routing: {keyword_rules: [{pattern: '(', task_type: x}]}",
+     "d.yaml: routing.keyword_rules.0.pattern: '(' is not a regular expression"),
+    ("routing: {task_types: {a: b}, content_rules: [{name: x, when: {images: true}, "
+     "role: v}, {name: x, when: {}, role: w}]}",
+     "d.yaml: routing: content_rules.1: the name 'x' is used twice"),
+    ("routing: {fallbacks: {big: [big]}}",
+     "d.yaml: routing: fallbacks: big: a role cannot fall back to itself"),
 ])
 def test_a_bad_config_names_the_file_the_key_and_the_problem(text, expected):
     with pytest.raises(ConfigError) as err:
@@ -79,9 +93,31 @@ def test_the_cluster_token_comes_from_the_environment_when_not_in_the_file(monke
     assert load("cluster_token: from-file").cluster_token == "from-file"
 
 
-def test_role_aliases_are_read_as_a_mapping():
-    c = load("roles:\n  planning: planner\n  code: coder\n")
-    assert c.roles == {"planning": "planner", "code": "coder"}
+def test_aliases_are_read_as_a_mapping():
+    c = load("aliases:\n  planning: planner\n  code: coder\n")
+    assert c.aliases == {"planning": "planner", "code": "coder"}
+    assert c.deprecated_keys == []
+
+
+def test_the_old_roles_key_is_read_as_aliases_and_reported_deprecated():
+    c = load("roles:\n  planning: planner\n")
+    assert c.aliases == {"planning": "planner"}
+    assert c.deprecated_keys == ["roles"]
+    assert "roles" not in c.public_dump()
+
+
+def test_the_routing_file_sits_beside_the_config_file_unless_named():
+    assert load("").routing_file == "d.routing.json"
+    assert load_config("", DispatcherConfig, source="/etc/rm/disp.yaml").routing_file == \
+        "/etc/rm/disp.routing.json"
+    assert load_config("", DispatcherConfig).routing_file is None  # text without a file
+    assert load("routing_file: /var/lib/rm/t.json").routing_file == "/var/lib/rm/t.json"
+
+
+def test_admin_keys_are_masked_like_api_keys():
+    c = load("admin_keys: [adm-1]")
+    assert c.public_dump()["admin_keys"] == ["***"]
+    assert "adm-1" not in repr(c)
 
 
 def test_secrets_are_masked_in_the_public_dump_and_the_repr():
@@ -95,7 +131,9 @@ def test_secrets_are_masked_in_the_public_dump_and_the_repr():
 
 def test_the_example_config_loads_and_documents_every_key():
     config = load_config_file(EXAMPLE, DispatcherConfig)
-    assert config.roles  # the example shows aliases
+    assert config.aliases  # the example shows aliases
+    assert config.routing.task_types  # and a routing table
+    assert config.routing.content_rules
     text = EXAMPLE.read_text()
     for key in DispatcherConfig.model_fields:
         assert f"{key}:" in text, f"{key} is not documented in {EXAMPLE.name}"

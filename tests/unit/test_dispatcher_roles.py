@@ -112,3 +112,24 @@ def test_the_model_list_has_every_model_role_and_alias_in_openai_shape():
     assert by_id["planning"]["alias_of"] == "planner"
     assert by_id["planning"]["models"] == ["llama-8b", "qwen-7b"]
     assert "write" not in by_id
+
+
+def test_the_catalog_knows_each_models_context_and_restricts_a_role_to_some_models():
+    registry = Registry(timeout_s=15, forget_s=60, clock=lambda: 0.0)
+    registry.register(NodeInventory(
+        node_id="n", url="http://n:8081", backend="cuda", seq=1,
+        devices=[DeviceStatus(device_id="gpu:0", name="GPU", backend="cuda",
+                              memory_total_mb=24000, memory_used_mb=0, memory_free_mb=24000)],
+        models=[ModelStatus(model_id="short", roles=["chat"], file_size_mb=1, memory_need_mb=1,
+                            ctx_size=4096),
+                ModelStatus(model_id="long", roles=["chat"], file_size_mb=1, memory_need_mb=1,
+                            ctx_size=131072),
+                ModelStatus(model_id="unknown", roles=["chat"], file_size_mb=1,
+                            memory_need_mb=1)]))
+    cat = build_catalog(registry.snapshot().nodes.values(), {})
+    assert cat.model_ctx == {"short": 4096, "long": 131072, "unknown": None}
+    chat = cat.resolve("chat")
+    assert chat is not None
+    only = cat.restrict(chat, ["long"])
+    assert (only.name, only.model_ids, only.node_ids) == ("chat", ("long",), ("n",))
+    assert "chat" in cat.servable_names()

@@ -82,3 +82,37 @@ def test_secrets_in_server_args_are_masked_in_the_logged_argv():
     assert logged[logged.index("--hf-token-x") + 1] == "***"
     assert logged[logged.index("--seed") + 1] == "4"
     assert "s3cret" in argv  # llama-server itself still gets it
+
+
+# -- memory placement fields (docs/memory.md) --------------------------------------------------
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"cache_type_k": "q8_0"}, ["--cache-type-k", "q8_0"]),
+    ({"cache_type_v": "q4_0"}, ["--cache-type-v", "q4_0"]),
+    ({"cache_type_k": "q4_0", "cache_type_v": "q4_0"},
+     ["--cache-type-k", "q4_0", "--cache-type-v", "q4_0"]),
+    ({"n_cpu_moe": 30}, ["--n-cpu-moe", "30"]),
+    ({"cpu_moe": True}, ["--cpu-moe"]),
+    ({"override_tensor": [r"\.ffn_.*_exps\.=CPU", r"blk\.1\.=CUDA0"]},
+     ["--override-tensor", r"\.ffn_.*_exps\.=CPU", "--override-tensor", r"blk\.1\.=CUDA0"]),
+    ({"override_tensor": ["exps=CPU"], "cpu_moe": True, "n_cpu_moe": 2},
+     ["--override-tensor", "exps=CPU", "--cpu-moe", "--n-cpu-moe", "2"]),
+], ids=["k", "v", "k and v", "n_cpu_moe", "cpu_moe", "two overrides", "overrides first"])
+def test_memory_fields_become_their_flags_in_llama_cpps_order(fields, expected):
+    argv = build_argv("llama-server", model(**fields), 1)
+    start = argv.index(expected[0])
+    assert argv[start:start + len(expected)] == expected
+
+
+def test_a_projector_is_passed_with_mmproj(tmp_path):
+    projector = tmp_path / "mmproj.gguf"
+    projector.write_bytes(b"GGUF")
+    argv = build_argv("llama-server", model(mmproj=str(projector)), 1)
+    assert flag_value(argv, "--mmproj") == str(projector)
+
+
+def test_default_memory_fields_add_no_flags():
+    argv = build_argv("llama-server", model(allow_disk_paging=True, n_cpu_moe=0), 1)
+    for flag in ("--cache-type-k", "--cache-type-v", "--mmproj", "--n-cpu-moe", "--cpu-moe",
+                 "--override-tensor"):
+        assert flag not in argv

@@ -5,6 +5,7 @@ Errors are checked as the operator reads them: `file: a.b.c: problem`.
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -349,3 +350,49 @@ def test_the_full_example_names_every_key_of_the_agent_and_of_a_model() -> None:
 def test_a_state_dir_under_the_home_directory_is_expanded() -> None:
     assert load("state_dir: ~/.local/state/rolemesh\n").state_dir == (
         Path.home() / ".local/state/rolemesh")
+
+
+# -- memory placement fields (docs/memory.md) --------------------------------------------------
+
+def test_memory_fields_default_to_llama_servers_own_behaviour() -> None:
+    m = ModelConfig.model_validate({"model_id": "a", "path": "a.gguf"})
+    assert (m.cache_type_k, m.cache_type_v, m.mmproj, m.n_cpu_moe, m.cpu_moe,
+            m.override_tensor, m.allow_disk_paging) == ("f16", "f16", None, None, False, [],
+                                                        False)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"cache_type_k": "q3_k"}, "models.0.cache_type_k: Input should be 'f32', 'f16'"),
+    ({"cache_type_v": "int8"}, "models.0.cache_type_v: Input should be"),
+    ({"n_cpu_moe": -1}, "models.0.n_cpu_moe: Input should be greater than or equal to 0"),
+    ({"override_tensor": ["exps"]}, "is not 'REGEX=BUFFER_TYPE'"),
+    ({"override_tensor": ["=CPU"]}, "is not 'REGEX=BUFFER_TYPE'"),
+    ({"override_tensor": ["a=CPU,b=CPU"]}, "no commas"),
+    ({"override_tensor": ["blk.(=CPU"]}, "is not a regex"),
+    ({"cache_type_v": "q4_0", "flash_attn": False}, "needs flash attention"),
+], ids=["k type", "v type", "negative n_cpu_moe", "no buffer", "no pattern", "comma",
+        "bad regex", "quantized v without flash attention"])
+def test_bad_memory_fields_are_reported_with_their_key(fields: dict[str, object],
+                                                       message: str) -> None:
+    text = yaml.safe_dump({"models": [{"model_id": "a", "path": "a.gguf", **fields}]})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(text, NodeAgentConfig, source="n.yaml")
+
+
+def test_a_quantized_cache_with_flash_attention_unset_or_on_is_accepted() -> None:
+    for flash in (None, True):
+        m = ModelConfig.model_validate({"model_id": "a", "path": "a.gguf", "flash_attn": flash,
+                                        "cache_type_k": "q8_0", "cache_type_v": "q8_0"})
+        assert m.cache_type_v == "q8_0"
+
+
+def test_a_missing_projector_is_a_problem_named_by_its_key(tmp_path: Path) -> None:
+    present = tmp_path / "mmproj.gguf"
+    present.write_bytes(b"GGUF")
+    config = NodeAgentConfig.model_validate({"models": [
+        {"model_id": "a", "path": "a.gguf", "mmproj": str(present)},
+        {"model_id": "b", "path": "b.gguf", "mmproj": "missing-mmproj.gguf"},
+        {"model_id": "c", "path": "c.gguf"}]})
+    assert config.projector_problems() == [
+        "models.1.mmproj (b): missing-mmproj.gguf does not exist or is not a file"]
+    assert config.models[0].mmproj == present

@@ -1,0 +1,115 @@
+"""The simulated cluster as RoleMesh's decision sees it: one `DeviceView` per device.
+
+What the dispatcher would know, built the way dispatcher/views.py and the registry build it:
+its own count of requests sent and not finished as the queue, the node's recent requests
+per model (600 s window) and last measured load time per model (`default_load_s` before
+the first load), and the registry's `expect()` overlay: a device the dispatcher just sent
+a model it did not hold shows as `starting` that model until the device's next answer.
+The one simplification: the node's report is always fresh (no heartbeat delay).
+
+This module is the adapter to the decision's input type. It builds either shape of
+`DeviceView`: one loaded model and a slot state (schema 1), or the resident instances of a
+device holding a set of models (`residents`, issue 8), whichever `rolemesh.decision` has.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from rolemesh import api
+from rolemesh import decision as _decision
+from rolemesh.decision import DeviceView, ModelCost
+from rolemesh.simulate.cluster import ClusterFile, SimNode
+from rolemesh.simulate.device import DeviceSim
+from rolemesh.simulate.planners import InstanceState
+
+RECENT_WINDOW_S = 600.0  # node_agent/slot.py RECENT_WINDOW_S
+
+Key = tuple[str, str]
+
+_VIEW_FIELDS = frozenset(f.name for f in fields(DeviceView))
+RESIDENTS = "residents" in _VIEW_FIELDS  # the decision of devices that hold sets of models
+_WIRE_STATE: Any = getattr(api, "InstanceState" if RESIDENTS else "SlotState")
+_STATE = {InstanceState.STARTING: _WIRE_STATE.STARTING, InstanceState.READY: _WIRE_STATE.READY,
+          InstanceState.DRAINING: _WIRE_STATE.DRAINING}
+
+
+@dataclass
+class World:
+    """The simulated cluster: devices in the order the cluster file lists them."""
+
+    cluster: ClusterFile
+    devices: dict[Key, DeviceSim] = field(default_factory=dict)
+    nodes: dict[str, SimNode] = field(default_factory=dict)
+    served: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
+    node_load_s: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def record_grant(self, node_id: str, model_id: str, now: float) -> None:
+        self.served.setdefault((node_id, model_id), deque()).append(now)
+
+    def recent(self, node_id: str, model_id: str, now: float) -> int:
+        served = self.served.get((node_id, model_id))
+        if not served:
+            return 0
+        horizon = now - RECENT_WINDOW_S
+        while served and served[0] < horizon:
+            served.popleft()
+        return len(served)
+
+    def serves(self, key: Key, model_id: str) -> bool:
+        return model_id in self.devices[key].memory_mb
+
+
+def device_view(world: World, device: DeviceSim, now: float,
+                co_residency: bool = False) -> DeviceView:
+    node_id, _ = device.key
+    cluster = world.cluster
+    default = cluster.dispatcher.default_load_s
+    servable = {m: ModelCost(need, world.node_load_s.get((node_id, m), default))
+                for m, need in device.memory_mb.items()}
+    total = device.memory_total_mb
+    common: dict[str, Any] = {
+        "node_id": node_id, "device_id": device.key[1], "servable": servable,
+        "memory_total_mb": total,
+        "memory_free_mb": None if total is None else total - device.charged_mb,
+        "in_flight": device.queue, "pending": 0,
+        "pending_limit": device.pending_limit or cluster.agent.pending_limit,
+        "recent_requests": {m: world.recent(node_id, m, now) for m in device.memory_mb}}
+    if RESIDENTS:
+        return DeviceView(**common, **_residents(device, co_residency))
+    inst = next(iter(device.instances.values()), None)
+    loaded = inst.model_id if inst is not None else None
+    state = _STATE[inst.state] if inst is not None else _WIRE_STATE.EMPTY
+    if device.expects is not None and device.expects != loaded:
+        loaded, state = device.expects, _WIRE_STATE.STARTING
+    return DeviceView(**common, loaded_model=loaded, slot_state=state)
+
+
+def _residents(device: DeviceSim, co_residency: bool) -> dict[str, Any]:
+    resident_view: Any = getattr(_decision, "ResidentView")  # noqa: B009  # schema 2 only
+    waiting: dict[str, int] = {}
+    for w in device.waiters:
+        waiting[w.model_id] = waiting.get(w.model_id, 0) + 1
+    residents = [resident_view(model_id=i.model_id, state=_STATE[i.state],
+                               busy=i.in_flight + waiting.get(i.model_id, 0),
+                               charged_mb=i.memory_mb, pinned=i.pinned)
+                 for i in device.instances.values()]
+    if device.expects is not None and device.expects not in device.instances:
+        residents.append(resident_view(model_id=device.expects, state=_WIRE_STATE.STARTING,
+                                       busy=waiting.get(device.expects, 0),
+                                       charged_mb=device.memory_mb.get(device.expects, 0)))
+    extra: dict[str, Any] = {"residents": tuple(residents)}
+    if "co_residency" in _VIEW_FIELDS:
+        extra["co_residency"] = co_residency
+    return extra
+
+
+def device_views(world: World, model_ids: Sequence[str], now: float,
+                 exclude: Collection[Key] = (), co_residency: bool = False
+                 ) -> list[DeviceView]:
+    """Every device of a node serving one of `model_ids`, less those in `exclude`."""
+    return [device_view(world, d, now, co_residency) for key, d in world.devices.items()
+            if key not in exclude and any(m in d.memory_mb for m in model_ids)]

@@ -1,0 +1,140 @@
+"""The dashboard in a real headless browser: Debian's chromium driven by Playwright.
+
+The browser is the system's /usr/bin/chromium (`.ci/run` installs it); Playwright downloads
+nothing. Locally, without chromium or playwright, the test skips; in CI it fails.
+ROLEMESH_UPDATE_SCREENSHOT=1 writes the page's picture to docs/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import model_entry, start_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+KEY = "sk-dash"
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path) -> Iterator[Any]:
+    missing = None
+    if not CHROMIUM.exists():
+        missing = "/usr/bin/chromium is not installed (apt-get install chromium)"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = missing or "playwright is not installed (pip install -e .[test])"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the browser test cannot run in CI: {missing}")
+        pytest.skip(missing)
+    with sync_playwright() as p:
+        # A persistent context is the way to give chromium its own new --user-data-dir.
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), args=FLAGS,
+            headless=True, viewport={"width": 1280, "height": 860})
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(20_000)
+            yield page
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def cluster(tmp_path, tiny_models, fake_llama_server_bin):
+    models = [model_entry("letters", tiny_models["letters"], ["chat"]),
+              model_entry("digits", tiny_models["digits"], ["coder"])]
+    with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
+                       dispatcher_extra={"api_keys": [KEY]}) as c:
+        yield c
+
+
+def open_dashboard(page: Any, url: str) -> None:
+    page.goto(url + "/")
+    page.fill("#key", KEY)
+    page.click("#keyform button")
+    page.wait_for_selector("[data-testid=connection].live")
+
+
+def test_the_page_shows_the_node_then_the_model_a_request_loads_and_the_request(
+        cluster, browser_page, tmp_path):
+    page = browser_page
+    open_dashboard(page, cluster.dispatcher.url)
+    node = page.wait_for_selector("[data-testid=node][data-node=node-a]")
+    assert node.query_selector("[data-testid=node-state]").inner_text() == "up"
+    assert page.query_selector("[data-testid=device][data-device=cpu]") is not None
+    assert page.query_selector("[data-testid=instance]") is None  # nothing loaded yet
+
+    cluster.client(api_key=KEY).chat.completions.create(
+        model="chat", max_tokens=4, messages=[{"role": "user", "content": "hello"}])
+
+    row = page.wait_for_selector("[data-testid=instance][data-model=letters]")
+    page.wait_for_function(
+        "() => document.querySelector('[data-model=letters] [data-testid=instance-state]')"
+        "?.innerText === 'ready'")
+    assert "letters" in row.inner_text()
+    request = page.wait_for_selector("[data-testid=request]")
+    text = request.inner_text()
+    for part in ("chat", "letters", "node-a/cpu", "ok"):
+        assert part in text
+    assert "loaded" in page.inner_text("[data-testid=lifecycle]")
+
+    for _ in cluster.client(api_key=KEY).chat.completions.create(
+            model="coder", max_tokens=4, stream=True,
+            messages=[{"role": "user", "content": "count"}]):
+        pass
+    page.wait_for_function(
+        "() => document.querySelector('[data-model=digits] [data-testid=instance-state]')"
+        "?.innerText === 'ready'")
+    page.wait_for_function("() => document.querySelector('[data-testid=lifecycle]')"
+                           ".innerText.includes('evicted_for: digits')")
+    streamed = page.query_selector_all("[data-testid=request]")[0].inner_text()
+    assert "coder" in streamed
+    assert "digits" in streamed
+    assert page.is_hidden("[data-testid=error]")
+
+    shot = tmp_path / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("ROLEMESH_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shot, ROOT / "docs" / "dashboard.png")
+
+
+def test_the_unload_button_unloads_the_model_and_shows_any_error(cluster, browser_page):
+    page = browser_page
+    cluster.client(api_key=KEY).chat.completions.create(
+        model="chat", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    open_dashboard(page, cluster.dispatcher.url)
+    page.click("[data-testid=instance][data-model=letters] [data-testid=unload]")
+    page.wait_for_function(
+        "() => !document.querySelector('[data-model=letters]') || "
+        "!document.querySelector('[data-testid=error]').hidden")
+    error = page.query_selector("[data-testid=error]")
+    if error.is_visible():
+        message = error.inner_text()
+        if "no such endpoint" in message:
+            pytest.xfail("POST /v1/models/{model}/unload is not on the dispatcher yet (the "
+                         f"agent core's admin verbs come with it); the page showed: {message}")
+        pytest.fail(f"unload failed: {message}")
+    assert page.query_selector("[data-testid=instance][data-model=letters]") is None
+
+
+def test_the_routing_page_says_when_routing_is_not_available_or_shows_the_table(
+        cluster, browser_page):
+    page = browser_page
+    page.goto(cluster.dispatcher.url + "/routing")
+    page.fill("#key", KEY)
+    page.click("#keyform button")
+    page.wait_for_selector("[data-testid=routing-missing], [data-testid=save]")
+    page.wait_for_selector("[data-testid=mode-row]")
+    assert "node-a/cpu" in page.inner_text("[data-testid=modes]")

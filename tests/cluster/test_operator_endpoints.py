@@ -1,0 +1,163 @@
+"""What an operator reads from a running cluster: the event stream, metrics on both services,
+llama-server's own output through the agent and the dispatcher, and the dashboard's files."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import TOKEN, model_entry, start_cluster
+from tests.waiting import wait_until_sync
+
+
+def get_text(url: str, token: str | None = TOKEN) -> tuple[int, str, dict[str, str]]:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+class EventReader:
+    """Reads GET /v1/events in a thread, as `rolemesh watch` would."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        req = urllib.request.Request(url + "/v1/events")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        self.resp = urllib.request.urlopen(req, timeout=30)
+        self.events: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self.resp:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("data:"):
+                    self.events.append(json.loads(line[5:]))
+        except (OSError, ValueError, AttributeError):  # closed by the test
+            return
+
+    def of_type(self, type_: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e["type"] == type_]
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+@pytest.fixture
+def cluster(tmp_path, tiny_models, fake_llama_server_bin):
+    models = [model_entry("letters", tiny_models["letters"], ["chat"]),
+              model_entry("digits", tiny_models["digits"], ["coder"])]
+    with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
+                       dispatcher_extra={"api_keys": ["sk-1"]}) as c:
+        yield c
+
+
+def test_the_event_stream_shows_the_snapshot_a_load_an_eviction_and_each_request(cluster):
+    url = cluster.dispatcher.url
+    reader = EventReader(url, "sk-1")
+    try:
+        wait_until_sync(lambda: bool(reader.of_type("snapshot")), what="the snapshot")
+        snapshot = reader.of_type("snapshot")[0]
+        assert [n["node_id"] for n in snapshot["nodes"]] == ["node-a"]
+
+        client = cluster.client(api_key="sk-1")
+        client.chat.completions.create(model="chat", max_tokens=2,
+                                       messages=[{"role": "user", "content": "x"}])
+        for _ in client.chat.completions.create(model="coder", max_tokens=2, stream=True,
+                                                messages=[{"role": "user", "content": "x"}]):
+            pass
+        wait_until_sync(lambda: len(reader.of_type("request.done")) == 2, timeout_s=15,
+                        what="two request.done events")
+        first, second = reader.of_type("request.done")
+        assert (first["name"], first["model_id"], first["node_id"], first["device_id"],
+                first["outcome"]) == ("chat", "letters", "node-a", "cpu", "ok")
+        assert second["model_id"] == "digits"
+        assert second["ttft_s"] is not None
+        assert second["ttft_s"] <= second["duration_s"]
+
+        wait_until_sync(lambda: any(e["model_id"] == "letters" for e in
+                                    reader.of_type("model.stopped")), timeout_s=15,
+                        what="letters stopped for digits")
+        stop = next(e for e in reader.of_type("model.stopped") if e["model_id"] == "letters")
+        assert stop["reason"] == "evicted_for"
+        assert stop["detail"] == "digits"
+        wait_until_sync(lambda: any(e["model_id"] == "digits" for e in
+                                    reader.of_type("model.loaded")), timeout_s=15,
+                        what="digits loaded")
+    finally:
+        reader.close()
+
+    status, body, _ = get_text(url + "/v1/events", token=None)
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == "invalid_token"
+
+
+def test_metrics_on_both_services_count_requests_and_show_devices(cluster):
+    client = cluster.client(api_key="sk-1")
+    for _ in client.chat.completions.create(model="chat", max_tokens=2, stream=True,
+                                            messages=[{"role": "user", "content": "x"}]):
+        pass
+    status, text, _ = get_text(cluster.dispatcher.url + "/metrics", token=None)
+    assert status == 200
+    assert ('rolemesh_dispatcher_requests_done_total{endpoint="/v1/chat/completions",'
+            'model="letters",outcome="ok",role="chat"} 1.0') in text
+    assert 'rolemesh_dispatcher_time_to_first_token_seconds_count{' in text
+    assert 'rolemesh_dispatcher_device_memory_total_mb{device="cpu",node="node-a"}' in text
+
+    agent = cluster.agents["node-a"]
+    status, text, _ = get_text(agent.url + "/metrics")
+    assert status == 200, text
+    assert 'rolemesh_agent_in_flight{device="cpu"} 0.0' in text
+    assert 'rolemesh_agent_queue_depth{device="cpu"} 0.0' in text
+    assert 'rolemesh_agent_device_memory_total_mb{device="cpu",node="node-a"}' in text
+    assert get_text(agent.url + "/metrics", token=None)[0] == 401  # the agent's token guards it
+
+
+def test_llama_server_output_is_readable_from_the_agent_and_through_the_dispatcher(cluster):
+    client = cluster.client(api_key="sk-1")
+    client.chat.completions.create(model="chat", max_tokens=2,
+                                   messages=[{"role": "user", "content": "x"}])
+    agent = cluster.agents["node-a"]
+    status, body, _ = get_text(agent.url + "/v1/node/logs?device=cpu&model=letters")
+    assert status == 200, body
+    lines = json.loads(body)["lines"]
+    assert any("listening" in line or "model loaded" in line for line in lines), lines
+
+    status, body, _ = get_text(agent.url + "/v1/node/logs?device=cpu&model=digits")
+    assert status == 404
+    assert json.loads(body)["error"]["code"] == "instance_not_found"
+    status, body, _ = get_text(agent.url + "/v1/node/logs?device=gpu:7")
+    assert status == 400
+
+    status, body, _ = get_text(cluster.dispatcher.url
+                               + "/v1/nodes/node-a/logs?device=cpu&lines=2", token="sk-1")
+    assert status == 200, body
+    assert len(json.loads(body)["lines"]) == 2
+
+    req = urllib.request.Request(agent.url + "/v1/node/logs?device=cpu&follow=1",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        first = resp.readline().decode()
+        assert first.startswith("data: {\"line\":")
+
+
+def test_the_dashboard_pages_are_served_without_a_key_and_the_api_still_wants_one(cluster):
+    url = cluster.dispatcher.url
+    for path, marker in (("/", "<title>RoleMesh</title>"), ("/routing", "routing"),
+                         ("/ui/app.js", "instancesOf"), ("/ui/style.css", ".bar")):
+        status, body, _ = get_text(url + path, token=None)
+        assert status == 200, path
+        assert marker in body
+    assert get_text(url + "/v1/nodes", token=None)[0] == 401
