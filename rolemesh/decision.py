@@ -451,7 +451,9 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     if room.evict:
         return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=room.cost, evicts=evicts,
                        recently_failed=_failed_here(group))
-    busy_neighbours = any(r.busy for d in group for r in d.residents)
+    # A neighbour still loading is busy too (as for eviction): it shares the device's compute.
+    busy_neighbours = any(r.busy or r.state is InstanceState.STARTING
+                          for d in group for r in d.residents)
     reason = Reason.FITS_BESIDE if residents else Reason.FITS_EMPTY_DEVICE
     return verdict(reason, recently_failed=_failed_here(group),
                    busy_neighbours=busy_neighbours)
