@@ -1,7 +1,7 @@
 """`rolemesh`: the operator's view of a running cluster (or of one node agent).
 
     rolemesh status                 dispatcher health and a line per node
-    rolemesh nodes                  every device: memory, slot state, loaded model, queue
+    rolemesh nodes                  every device and its instances: state, queue, memory, TTL
     rolemesh models                 every role, alias and model id served now
     rolemesh route MODEL            which device a request for MODEL would go to, and why
     rolemesh check-fit FILE.gguf    a model's memory need, and which devices it fits
@@ -80,29 +80,52 @@ def _mb(value: int | None) -> str:
     return "?" if value is None else f"{value / 1024:.1f}G" if value >= 1024 else f"{value}M"
 
 
+def _node_state(n: dict[str, Any]) -> str:
+    return f"{n['state']} (draining)" if n.get("draining") else str(n["state"])
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}s"
+
+
 def show_status(health: dict[str, Any], nodes: dict[str, Any]) -> str:
     rows = []
     for n in nodes.get("data", []):
-        loaded = [d["status"]["loaded_model"] or "-" for d in n["devices"]]
-        rows.append([n["node_id"], n["state"], n["url"], str(len(n["devices"])),
-                     ", ".join(loaded), f"{n['last_heartbeat_age_s']:.1f}s"])
+        resident = []
+        for d in n["devices"]:
+            models = [i["model_id"] for i in d["status"].get("instances", [])]
+            resident.append(f"{d['status']['device_id']}: {', '.join(models) or '-'}")
+        rows.append([n["node_id"], _node_state(n), n["url"], str(len(n["devices"])),
+                     "; ".join(resident), f"{n['last_heartbeat_age_s']:.1f}s"])
     head = (f"dispatcher: {health.get('status')}  nodes up: {health.get('nodes_up')}  "
             f"down: {health.get('nodes_down')}")
-    return head + "\n\n" + table(rows, ["NODE", "STATE", "URL", "DEVICES", "LOADED",
+    return head + "\n\n" + table(rows, ["NODE", "STATE", "URL", "DEVICES", "RESIDENT",
                                         "HEARTBEAT"])
 
 
 def show_nodes(nodes: dict[str, Any]) -> str:
+    """A row per instance, under its device's figures (given on the device's first row)."""
     rows = []
     for n in nodes.get("data", []):
         for d in n["devices"]:
             s = d["status"]
-            rows.append([n["node_id"], n["state"], s["device_id"], s["name"][:28],
-                         f"{_mb(s['memory_free_mb'])}/{_mb(s['memory_total_mb'])}",
-                         s["slot_state"], s["loaded_model"] or "-",
-                         f"{s['in_flight']}+{s['pending']}/{s['pending_limit']}"])
-    return table(rows, ["NODE", "STATE", "DEVICE", "NAME", "FREE/TOTAL", "SLOT", "LOADED",
-                        "QUEUE"])
+            device = [n["node_id"], _node_state(n), s["device_id"], s["name"][:24],
+                      f"{_mb(s['memory_free_mb'])}/{_mb(s['memory_total_mb'])}",
+                      f"{s['in_flight']}+{s['pending']}/{s['pending_limit']}",
+                      s.get("mode") or "auto"]
+            lines = []
+            for i in s.get("instances", []):
+                ttl = "pinned" if i.get("pinned") else _seconds(i.get("ttl_left_s"))
+                state = i["state"] + (f" ({i['draining_for']})" if i.get("draining_for")
+                                      else "")
+                lines.append([i["model_id"], state, f"{i['in_flight']}+{i['queued']}",
+                              _mb(i["memory_charged_mb"]), ttl])
+            for model, backoff in sorted(s.get("failed_models", {}).items()):
+                lines.append([model, f"failed (retry in {backoff:.0f}s)", "-", "-", "-"])
+            for k, line in enumerate(lines or [["-", "", "", "", ""]]):
+                rows.append((device if k == 0 else [""] * len(device)) + line)
+    return table(rows, ["NODE", "STATE", "DEVICE", "NAME", "FREE/TOTAL", "QUEUE", "MODE",
+                        "MODEL", "INSTANCE", "IN+Q", "CHARGED", "TTL LEFT"])
 
 
 def show_models(models: dict[str, Any]) -> str:

@@ -149,9 +149,16 @@ class DeviceView:
     def loaded_models(self) -> tuple[str, ...]:
         return tuple(r.model_id for r in self.residents if r.holds)
 
-    @property
-    def charged_mb(self) -> int:
-        return sum(r.charged_mb for r in self.residents)
+    # Derived once, at construction (views are immutable, and read on every request).
+    single_holds: frozenset[str] = field(init=False, repr=False, compare=False)
+    charged_mb: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Models ready or starting here on this device alone (not split over a group), and
+        # what the residents are charged here.
+        object.__setattr__(self, "single_holds", frozenset(
+            r.model_id for r in self.residents if r.holds and not r.devices))
+        object.__setattr__(self, "charged_mb", sum(r.charged_mb for r in self.residents))
 
 
 @dataclass(frozen=True)
@@ -312,8 +319,13 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],
     loaded_states = _LOADED_STATES
     best: tuple[DeviceView, ResidentView] | None = None
     best_key: tuple[Any, ...] | None = None
+    best_queue = None
     for d in devices:
-        if not d.up or d.draining:
+        if wanted_set.isdisjoint(d.single_holds):
+            continue
+        queue = d.in_flight + d.pending
+        if queue >= d.pending_limit or not d.up or d.draining or (
+                best_queue is not None and queue > best_queue):
             continue
         for r in d.residents:
             model = r.model_id
@@ -327,13 +339,13 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],
                 continue
             if d.held is not None and model not in d.held:
                 continue
-            queue = d.in_flight + d.pending
-            if queue >= d.pending_limit:
-                continue
-            free = _room_left(d, margin)
-            key = (queue, -(free or 0), d.node_id, d.device_id, model)
+            free = d.memory_free_mb
+            room = None if total is None else int(total * margin) - d.charged_mb
+            if room is not None and free is not None and free < room:
+                room = free
+            key = (queue, -(room or 0), d.node_id, d.device_id, model)
             if best_key is None or key < best_key:
-                best, best_key = (d, r), key
+                best, best_key, best_queue = (d, r), key, queue
     if best is None:
         return None
     d, r = best
@@ -451,7 +463,9 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     if room.evict:
         return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=room.cost, evicts=evicts,
                        recently_failed=_failed_here(group))
-    busy_neighbours = any(r.busy for d in group for r in d.residents)
+    # A neighbour still loading is busy too (as for eviction): it shares the device's compute.
+    busy_neighbours = any(r.busy or r.state is InstanceState.STARTING
+                          for d in group for r in d.residents)
     reason = Reason.FITS_BESIDE if residents else Reason.FITS_EMPTY_DEVICE
     return verdict(reason, recently_failed=_failed_here(group),
                    busy_neighbours=busy_neighbours)

@@ -59,8 +59,9 @@ def test_fifty_requests_for_a_loaded_model_all_go_to_its_device(letters_everywhe
         assert len(cluster.spawns(first)) == 1
         assert cluster.spawns(other) == []  # no other device loaded it
         nodes = cluster.nodes()
-        assert nodes[first]["devices"][0]["status"]["loaded_model"] == "letters"
-        assert nodes[other]["devices"][0]["status"]["loaded_model"] is None
+        [letters] = nodes[first]["devices"][0]["status"]["instances"]
+        assert (letters["model_id"], letters["state"]) == ("letters", "ready")
+        assert nodes[other]["devices"][0]["status"]["instances"] == []
 
 
 def test_concurrent_requests_beyond_one_device_spread_to_a_second(letters_everywhere):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.cluster.harness import TOKEN, model_entry, start_cluster
+from tests.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,13 +35,18 @@ def test_status_nodes_models_route_and_check_fit_describe_the_cluster(
         status = rolemesh(url, "status")
         assert status.returncode == 0, status.stderr
         assert "nodes up: 1" in status.stdout
-        assert "node-a" in status.stdout
+        assert "cpu: letters" in status.stdout
 
         nodes = rolemesh(url, "nodes")
-        row = next(line for line in nodes.stdout.splitlines() if line.startswith("node-a"))
-        assert "cpu" in row
-        assert "letters" in row
-        assert "ready" in row
+        assert nodes.returncode == 0, nodes.stderr
+        header, row = nodes.stdout.splitlines()[:2]
+        assert header.split() == ["NODE", "STATE", "DEVICE", "NAME", "FREE/TOTAL", "QUEUE",
+                                  "MODE", "MODEL", "INSTANCE", "IN+Q", "CHARGED", "TTL", "LEFT"]
+        assert row.startswith("node-a")
+        cells = row.split()
+        assert "cpu" in cells and "auto" in cells
+        assert cells[-5:-2] == ["letters", "ready", "0+0"]
+        assert cells[-2].endswith(("M", "G")) and cells[-1] == "-"  # charged; no TTL
 
         listed = rolemesh(url, "models").stdout
         for name in ("letters", "digits", "chat", "coder", "code"):
@@ -49,7 +55,8 @@ def test_status_nodes_models_route_and_check_fit_describe_the_cluster(
         route = rolemesh(url, "route", "code")
         assert route.returncode == 0, route.stderr
         assert "digits on node-a/cpu" in route.stdout
-        assert "evict_idle_model" in route.stdout
+        assert "load_beside (fits_beside)" in route.stdout  # room beside letters
+
 
         raw = json.loads(rolemesh(url, "--json", "route", "chat").stdout)
         assert raw["action"] == "use_loaded"
@@ -63,6 +70,13 @@ def test_status_nodes_models_route_and_check_fit_describe_the_cluster(
         by_alias = cluster.client(api_key="sk-1").chat.completions.create(
             model="code", max_tokens=2, messages=[{"role": "user", "content": "x"}])
         assert "digits" in (by_alias.choices[0].message.content or "")  # alias -> coder
+
+        def both_listed() -> bool:
+            out = rolemesh(url, "nodes").stdout
+            return "letters" in out and "digits" in out
+        wait_until_sync(both_listed, what="both instances in `rolemesh nodes`")
+        lines = rolemesh(url, "nodes").stdout.splitlines()[1:]
+        assert len(lines) == 2 and lines[1].split()[0] == "digits"  # one row per instance
 
         denied = rolemesh(url, "nodes", key=None)
         assert denied.returncode == 1

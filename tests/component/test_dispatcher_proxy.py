@@ -27,7 +27,7 @@ TOKEN = "cluster-token-123"
 
 
 def loaded(node_id: str, model: str = "planner-7b", **kw: Any) -> FakeAgent:
-    return FakeAgent(node_id, [FakeDevice("gpu:0", loaded_model=model)], MODELS, **kw)
+    return FakeAgent(node_id, [FakeDevice("gpu:0", loaded=[model] if model else [])], MODELS, **kw)
 
 
 def empty(node_id: str, **kw: Any) -> FakeAgent:
@@ -341,13 +341,13 @@ async def test_metrics_count_requests_by_model_and_outcome_and_decisions_by_acti
         await post(s, d.url, chat("planner"))
         await post(s, d.url, chat("planner"))
         await post(s, d.url, chat("no-such-model"))
-        await post(s, d.url, chat("coder"))  # coder-7b: loaded nowhere, evicts planner-7b
+        await post(s, d.url, chat("coder"))  # coder-7b: loaded nowhere, fits beside planner
         async with s.get(d.url + "/metrics") as resp:
             text = await resp.text()
     assert 'rolemesh_dispatcher_requests_total{model="planner",outcome="ok"} 2.0' in text
     assert 'rolemesh_dispatcher_requests_total{model="-",outcome="model_not_found"} 1.0' in text
     assert 'rolemesh_dispatcher_decisions_total{action="use_loaded"} 2.0' in text
-    assert 'rolemesh_dispatcher_decisions_total{action="evict"} 1.0' in text
+    assert 'rolemesh_dispatcher_decisions_total{action="load_beside"} 1.0' in text
     assert 'rolemesh_dispatcher_in_flight_total 0.0' in text
     assert 'rolemesh_dispatcher_device_queue{device="gpu:0",node="node-a"} 0.0' in text
 

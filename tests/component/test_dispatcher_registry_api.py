@@ -18,7 +18,7 @@ TOKEN = "s3cret-cluster-token"
 
 
 def agent(node_id: str = "node-a", **kw: object) -> FakeAgent:
-    return FakeAgent(node_id, [FakeDevice("gpu:0", loaded_model="planner-7b"),
+    return FakeAgent(node_id, [FakeDevice("gpu:0", loaded=["planner-7b"]),
                                FakeDevice("gpu:1", memory_total_mb=12000)],
                      [FakeModel("planner-7b", ["planner"]), FakeModel("coder-7b", ["coder"])],
                      **kw)  # type: ignore[arg-type]
@@ -75,13 +75,14 @@ async def test_an_older_heartbeat_is_answered_but_not_applied():
     fake.url = "http://127.0.0.1:9"
     async with running_dispatcher() as d, aiohttp.ClientSession() as s:
         await fake.register(s, d.url)
-        fake.devices["gpu:0"].loaded_model = None
+        fake.devices["gpu:0"].loaded = []
         async with s.post(d.url + "/v1/nodes/heartbeat",
                           data=fake.heartbeat_request(seq=0).model_dump_json()) as resp:
             assert resp.status == 200
             assert (await resp.json())["accepted"] is False
         _, node = await get_json(s, d.url + "/v1/nodes/node-a")
-        assert node["devices"][0]["status"]["loaded_model"] == "planner-7b"
+        assert [i["model_id"] for i in node["devices"][0]["status"]["instances"]] == [
+            "planner-7b"]
 
 
 async def test_a_registration_that_is_not_an_inventory_gets_400():
@@ -116,13 +117,14 @@ async def test_nodes_lists_each_device_with_memory_model_state_and_queue():
         assert node["url"] == "http://127.0.0.1:9"
         assert node["last_heartbeat_age_s"] >= 0
         gpu0, gpu1 = node["devices"]
-        assert gpu0["status"]["loaded_model"] == "planner-7b"
-        assert gpu0["status"]["slot_state"] == "ready"
+        [planner] = gpu0["status"]["instances"]
+        assert (planner["model_id"], planner["state"]) == ("planner-7b", "ready")
+        assert planner["memory_charged_mb"] == gpu0["status"]["memory_charged_mb"] == 4000
         assert gpu0["status"]["memory_total_mb"] == 24000
         assert gpu0["status"]["memory_free_mb"] == 20000
         assert gpu0["status"]["in_flight"] == 0
         assert gpu0["dispatcher_in_flight"] == 0
-        assert gpu1["status"]["slot_state"] == "empty"
+        assert gpu1["status"]["instances"] == []
         assert [m["model_id"] for m in node["models"]] == ["planner-7b", "coder-7b"]
         status, one = await get_json(s, d.url + "/v1/nodes/node-a")
         assert status == 200

@@ -39,9 +39,9 @@ def content(answer: dict[str, Any]) -> str:
 
 
 async def test_a_request_goes_to_the_device_that_has_its_model_loaded():
-    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded_model="coder-7b"),
+    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["coder-7b"]),
                              FakeDevice("gpu:1")], MODELS)
-    b = FakeAgent("node-b", [FakeDevice("gpu:0", loaded_model="planner-7b")], MODELS)
+    b = FakeAgent("node-b", [FakeDevice("gpu:0", loaded=["planner-7b"])], MODELS)
     async with running_agents(a, b), running_dispatcher() as d, aiohttp.ClientSession() as s:
         await a.register(s, d.url)
         await b.register(s, d.url)
@@ -56,19 +56,38 @@ async def test_a_request_goes_to_the_device_that_has_its_model_loaded():
         assert a.seen[-1].device == "gpu:0"
 
 
-async def test_a_model_not_loaded_anywhere_goes_to_the_empty_device_with_most_free_memory():
-    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded_model="coder-7b"),
+async def test_a_model_not_loaded_anywhere_goes_where_it_fits_best_leaving_big_rooms_free():
+    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["coder-7b"]),
                              FakeDevice("gpu:1", memory_total_mb=12000)], MODELS)
     b = FakeAgent("node-b", [FakeDevice("gpu:0", memory_total_mb=48000)], MODELS)
     async with running_agents(a, b), running_dispatcher() as d, aiohttp.ClientSession() as s:
         await a.register(s, d.url)
         await b.register(s, d.url)
         route = await get_json(s, d.url + "/v1/route?model=planner")
+        # Room left after it: 6,800 MB on a/gpu:1, 13,600 beside coder-7b, 39,200 on b.
         assert route["action"] == "load_on_empty"
-        assert (route["winner"]["node_id"], route["winner"]["device_id"]) == ("node-b", "gpu:0")
+        assert (route["winner"]["node_id"], route["winner"]["device_id"]) == ("node-a", "gpu:1")
+        reasons = {(c["node_id"], c["device_id"]): c["reason"] for c in route["candidates"]}
+        assert reasons[("node-a", "gpu:0")] == "fits_beside"
         status, _, answer = await post(s, d.url, chat("planner"))
         assert status == 200
-        assert content(answer) == "node-b/gpu:0/planner-7b"
+        assert content(answer) == "node-a/gpu:1/planner-7b"
+
+
+async def test_a_model_that_fits_beside_an_idle_resident_loads_there_without_evicting():
+    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["coder-7b"])], MODELS)
+    async with running_agents(a), running_dispatcher() as d, aiohttp.ClientSession() as s:
+        await a.register(s, d.url)
+        route = await get_json(s, d.url + "/v1/route?model=planner")
+        assert (route["action"], route["winner"]["evicts"]) == ("load_beside", [])
+        status, headers, answer = await post(s, d.url, chat("planner"))
+        assert (status, content(answer)) == (200, "node-a/gpu:0/planner-7b")
+        route = await get_json(s, d.url + "/v1/route?model=coder")
+        assert route["action"] == "use_loaded"  # the fake's headers: both resident now
+        nodes = await get_json(s, d.url + "/v1/nodes")
+        instances = nodes["data"][0]["devices"][0]["status"]["instances"]
+        assert [(i["model_id"], i["state"]) for i in instances] == [
+            ("coder-7b", "ready"), ("planner-7b", "ready")]
 
 
 async def test_a_device_just_sent_a_model_is_not_sent_another_one_while_an_empty_one_waits():
@@ -82,9 +101,9 @@ async def test_a_device_just_sent_a_model_is_not_sent_another_one_while_an_empty
 
 
 async def test_route_explains_every_candidate_and_why_it_won_or_lost():
-    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded_model="planner-7b"),
+    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["planner-7b"]),
                              FakeDevice("gpu:1", memory_total_mb=2000),
-                             FakeDevice("gpu:2", loaded_model="coder-7b", pending_limit=1,
+                             FakeDevice("gpu:2", loaded=["coder-7b"], pending_limit=1,
                                         reported_in_flight=1)], MODELS)
     async with running_agents(a), running_dispatcher() as d, aiohttp.ClientSession() as s:
         await a.register(s, d.url)
@@ -178,7 +197,7 @@ async def test_a_model_too_big_for_every_device_gets_422_naming_its_need_and_the
 
 
 async def test_every_device_at_its_pending_limit_gets_503_with_retry_after():
-    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded_model="planner-7b", pending_limit=2,
+    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["planner-7b"], pending_limit=2,
                                         reported_in_flight=2)], MODELS)
     config = dispatcher_config(busy_retry_after_s=3)
     async with running_agents(a), running_dispatcher(config) as d, \
@@ -192,7 +211,7 @@ async def test_every_device_at_its_pending_limit_gets_503_with_retry_after():
 
 
 async def test_every_node_down_gets_503_with_retry_after():
-    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded_model="planner-7b")], MODELS)
+    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["planner-7b"])], MODELS)
     async with running_agents(a), running_dispatcher() as d, aiohttp.ClientSession() as s:
         await a.register(s, d.url)
         d.state.registry.mark_down("node-a", why="test")
@@ -203,8 +222,8 @@ async def test_every_node_down_gets_503_with_retry_after():
 
 
 async def test_requests_in_flight_count_against_the_device_until_they_finish():
-    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded_model="planner-7b", pending_limit=1),
-                             FakeDevice("gpu:1", loaded_model="planner-7b", pending_limit=1)],
+    a = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["planner-7b"], pending_limit=1),
+                             FakeDevice("gpu:1", loaded=["planner-7b"], pending_limit=1)],
                   MODELS)
     async with running_agents(a), running_dispatcher() as d, aiohttp.ClientSession() as s:
         await a.register(s, d.url)

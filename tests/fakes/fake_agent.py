@@ -27,10 +27,11 @@ from rolemesh import headers
 from rolemesh.api import (
     DeviceStatus,
     HeartbeatRequest,
+    InstanceState,
+    InstanceStatus,
     ModelStatus,
     NodeInventory,
     RegisterRequest,
-    SlotState,
 )
 from rolemesh.errors import error_body
 from rolemesh.openai_body import OPENAI_PATHS
@@ -40,14 +41,15 @@ from rolemesh.openai_body import OPENAI_PATHS
 class FakeDevice:
     device_id: str = "gpu:0"
     memory_total_mb: int | None = 24000
-    loaded_model: str | None = None
+    loaded: list[str] = field(default_factory=list)  # resident models, all ready
     pending_limit: int = 2
     reported_in_flight: int = 0  # added to the live count in reports (traffic from elsewhere)
     in_flight: int = 0  # live: requests this fake is answering now
+    serving: dict[str, int] = field(default_factory=dict)  # live, per model
+    one_at_a_time: bool = False  # a model it serves replaces the residents (co_residency off)
 
-    @property
-    def slot_state(self) -> SlotState:
-        return SlotState.READY if self.loaded_model else SlotState.EMPTY
+    def residents_header(self) -> str:
+        return ",".join(f"{m}={InstanceState.READY.value}" for m in self.loaded)
 
 
 @dataclass
@@ -103,14 +105,21 @@ class FakeAgent:
     # -- what it reports -------------------------------------------------------------------
 
     def device_status(self, d: FakeDevice) -> DeviceStatus:
-        loaded = self.models.get(d.loaded_model or "")
-        used = loaded.memory_need_mb if loaded is not None else 0
+        instances = []
+        for i, m in enumerate(d.loaded):
+            need = self.models[m].memory_need_mb if m in self.models else 0
+            others = d.reported_in_flight if i == 0 else 0  # traffic from elsewhere: the first
+            instances.append(InstanceStatus(
+                model_id=m, devices=[d.device_id], state=InstanceState.READY,
+                in_flight=d.serving.get(m, 0) + others, memory_charged_mb=need,
+                memory_estimated_mb=need))
+        used = sum(i.memory_charged_mb for i in instances)
         total = d.memory_total_mb
         return DeviceStatus(
             device_id=d.device_id, name=f"Fake {d.device_id}", backend="cuda",
             memory_total_mb=total, memory_used_mb=used if total is not None else None,
             memory_free_mb=total - used if total is not None else None,
-            slot_state=d.slot_state, loaded_model=d.loaded_model,
+            memory_charged_mb=used, instances=instances,
             in_flight=d.in_flight + d.reported_in_flight, pending=0,
             pending_limit=d.pending_limit)
 
@@ -136,7 +145,7 @@ class FakeAgent:
 
     def state_headers(self, d: FakeDevice) -> dict[str, str]:
         return {headers.NODE: self.node_id, headers.DEVICE: d.device_id,
-                headers.SLOT_STATE: d.slot_state.value, headers.LOADED_MODEL: d.loaded_model or "",
+                headers.RESIDENTS: d.residents_header(),
                 headers.IN_FLIGHT: str(d.in_flight + d.reported_in_flight), headers.PENDING: "0"}
 
     # -- talking to a dispatcher -----------------------------------------------------------
@@ -229,16 +238,22 @@ class FakeAgent:
             code = "device_busy" if knobs.busy else "model_not_ready"
             return self._error(503, code, f"fake {code}", {
                 **self.state_headers(device), "Retry-After": str(knobs.retry_after_s)})
+        model = models[0]
         device.in_flight += 1
+        device.serving[model] = device.serving.get(model, 0) + 1
         try:
             if knobs.hold is not None:
                 await knobs.hold.wait()
-            device.loaded_model = models[0]
-            text = knobs.answer_text or f"{self.node_id}/{device.device_id}/{models[0]}"
+            if device.one_at_a_time:
+                device.loaded = [model]
+            elif model not in device.loaded:
+                device.loaded.append(model)
+            text = knobs.answer_text or f"{self.node_id}/{device.device_id}/{model}"
             if body.get("stream"):
                 return await self._stream(request, device, text)
         finally:
             device.in_flight -= 1
+            device.serving[model] -= 1
         answer = {"id": "chatcmpl-fake", "object": "chat.completion", "model": models[0],
                   "choices": [{"index": 0, "finish_reason": "stop",
                                "message": {"role": "assistant", "content": text}}]}

@@ -304,8 +304,11 @@ WINS: dict[str, Win] = {
                            dev("gpu:1", loaded="mid")], "a/gpu:1 mid", USE),
     "a role loads the model that fits when its other model fits nowhere": win(
         ("large", "small"), [dev("gpu:0", total=12_000)], "a/gpu:0 small", LOAD),
-    "a role's models on one empty device: the best fit (the bigger model) loads": win(
-        ("small", "mid"), [dev("gpu:0")], "a/gpu:0 mid", LOAD),
+    "a role's models on one empty device: the smaller loads, leaving more for others": win(
+        ("small", "mid"), [dev("gpu:0")], "a/gpu:0 small", LOAD),
+    "a role's bigger model goes where only it fits best, before the smaller elsewhere": win(
+        ("small", "mid"), [dev("gpu:0", serves=["mid"], free=10_000),
+                           dev("gpu:1", serves=["small"])], "a/gpu:0 mid", LOAD),
     "a role spans nodes that serve different models of it: the best fit wins": win(
         ("small", "mid"), [dev("gpu:0", serves=["small"], free=6_000),
                            dev("gpu:0", node="b", serves=["mid"], free=20_000)],
