@@ -19,6 +19,7 @@ from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
 from rolemesh.api import InstanceState
 from rolemesh.errors import (
     BadRequest,
+    Forbidden,
     ModelNotFound,
     NodeNotFound,
     NoNodeAvailable,
@@ -35,7 +36,10 @@ ADMIN_TIMEOUT_S = 600.0  # a load waits for the model to be ready
 def require_admin(request: web.Request, d: Dispatcher) -> None:
     accepted = [*(d.config.admin_keys or ()), *([d.config.cluster_token]
                                                 if d.config.cluster_token else [])]
-    if accepted and not token_matches(request, accepted):
+    if not accepted:  # a client's key is not an operator's: say what to configure
+        raise Forbidden("operator actions need admin_keys or a cluster_token in the "
+                        "dispatcher's config; neither is set")
+    if not token_matches(request, accepted):
         raise Unauthorized("this is an operator action: 'Authorization: Bearer <admin key or "
                            "cluster token>'", headers={"WWW-Authenticate": "Bearer"})
 
@@ -50,6 +54,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    if data.get("device") and not data.get("node") and "set" not in data:
+        raise BadRequest("'device' names a device of a node: name the node too")
     for field in ("node", "device", "set"):
         if field in data and data[field] is not None and not isinstance(data[field], str):
             raise BadRequest(f"'{field}' must be a string")

@@ -63,6 +63,7 @@ class NodeRecord:
     device_ids: tuple[str, ...]
     sets: Mapping[str, frozenset[str]] = field(default_factory=dict)
     draining: bool = False
+    co_residency: bool = True
     recent_stops: tuple[StopRecord, ...] = ()
     host_memory_total_mb: int | None = None
     host_memory_available_mb: int | None = None
@@ -112,7 +113,8 @@ class Registry:
             state=NodeState.UP, seq=inventory.seq, registered_at=now, last_seen=now,
             models=(), costs={}, recent_requests={}, device_ids=(),
             sets={k: frozenset(v) for k, v in inventory.sets.items()},
-            draining=inventory.draining, recent_stops=tuple(inventory.recent_stops),
+            draining=inventory.draining, co_residency=inventory.co_residency,
+            recent_stops=tuple(inventory.recent_stops),
             host_memory_total_mb=inventory.host_memory_total_mb,
             host_memory_available_mb=inventory.host_memory_available_mb)
         node = self._with_models(node, inventory.models)

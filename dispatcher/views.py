@@ -55,7 +55,8 @@ def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int,
         residents=tuple(residents), in_flight=own_in_flight + record.others, pending=0,
         pending_limit=status.pending_limit, up=node.state is NodeState.UP,
         recent_requests=node.recent_requests, held=held, sets=node.sets,
-        failed=status.failed_models, draining=node.draining)
+        failed=status.failed_models, draining=node.draining,
+        co_residency=node.co_residency)
 
 
 def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],

@@ -7,6 +7,7 @@ real `LlamaLauncher` is tested against the fake and the real llama-server.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -65,8 +66,10 @@ def _is_early_exit(exc: BaseException) -> bool:
 
 
 def pid_name(model_id: str, devices: Sequence[str]) -> str:
-    """The pid file of an instance: keyed by its placement and its model."""
-    return f"{'+'.join(devices)}--{model_id}"
+    """The pid file of an instance: keyed by its placement and its model (a short hash of
+    both keeps ids that clean to the same file name, such as a:b and a_b, apart)."""
+    key = f"{'+'.join(devices)}--{model_id}"
+    return f"{key}--{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 class _Running:

@@ -204,6 +204,7 @@ class Node:
                              devices=[self.device_status(d) for d in self.device_ids],
                              models=self.model_statuses(), sets=dict(self.config.sets),
                              draining=self.scheduler.draining,
+                             co_residency=self.config.co_residency,
                              recent_stops=self.stop_records())
 
     # -- choosing a device (requests sent to this agent directly) ------------------------------

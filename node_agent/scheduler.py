@@ -105,7 +105,8 @@ class NodeScheduler:
         self._waiters: list[_Waiter] = []
         self._wants: list[_Want] = []
         self._ids = itertools.count(1)
-        self._failures: dict[str, int] = {}
+        self._failures: dict[str, int] = {}  # failed starts in a row, per instance key
+        self._crashes: dict[str, int] = {}  # crashes soon after becoming ready, in a row
         self._failed_until: dict[str, float] = {}
         self._failed_error: dict[str, str] = {}
         self._restarts: dict[str, int] = {}
@@ -236,6 +237,10 @@ class NodeScheduler:
         """Load `model` (on `devices`, or where it fits best) and wait until it is ready."""
         if self.draining:
             raise NodeDraining(f"node {self.config.node_id!r} is draining")
+        for inst in self.instances.values():  # already loaded there: nothing to wait for
+            if inst.model_id == model.model_id and inst.state is S.READY and (
+                    devices is None or inst.devices == devices):
+                return inst
         want = _Want(next(self._ids), model, devices, why)
         self._wants.append(want)
         self._replan()
@@ -458,7 +463,7 @@ class NodeScheduler:
         now = self._clock()
         if inst.state is S.READY and inst.history[-2] is S.STARTING:
             self.load_seconds[inst.model_id] = inst.last_load_s or 0.0
-            self._failures.pop(inst.key, None)
+            self._failures.pop(inst.key, None)  # failed starts; quick crashes count on
             self._failed_until.pop(inst.key, None)
             self._failed_error.pop(inst.key, None)
             self._emit("instance.ready", {"model": inst.model_id, "devices": list(inst.devices),
@@ -488,12 +493,13 @@ class NodeScheduler:
         if inst.ever_ready:
             self._restarts[key] = self._restarts.get(key, 0) + 1
             quick = now - inst.ready_at < CRASH_LOOP_S
-            self._failures[key] = self._failures.get(key, 0) + 1 if quick else 1
+            self._crashes[key] = self._crashes.get(key, 0) + 1 if quick else 1
+            n = self._crashes[key]
             backoff_after = 2  # one crash: restart on demand at once; a loop backs off
         else:
             self._failures[key] = self._failures.get(key, 0) + 1
+            n = self._failures[key]
             backoff_after = 1  # a start that failed (after its retries) backs off at once
-        n = self._failures[key]
         self._failed_error[key] = inst.last_error or "failed"
         if n >= backoff_after:
             delay = min(self.config.load_failure_backoff_s * 2 ** (n - backoff_after),

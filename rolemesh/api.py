@@ -129,6 +129,7 @@ class NodeInventory(WireModel):
     models: list[ModelStatus]
     sets: dict[str, list[str]] = Field(default_factory=dict)  # named sets that may share
     draining: bool = False
+    co_residency: bool = True  # False: its devices hold one model at a time
     host_memory_total_mb: int | None = None
     host_memory_available_mb: int | None = None
     recent_stops: list[StopRecord] = Field(default_factory=list)

@@ -6,13 +6,14 @@
     rolemesh mode NODE DEVICE SET|auto                hold a device for a named set
     rolemesh optimize [NODE]                          pinned models back to their best device
 
-They need the cluster token or an admin key ($ROLEMESH_API_KEY).
+They need the cluster token or an admin key ($ROLEMESH_ADMIN_KEY, else $ROLEMESH_API_KEY).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -63,6 +64,7 @@ def add_parsers(sub: Any) -> None:
 
 def run(args: argparse.Namespace, key: str | None) -> tuple[Any, str]:
     """Carry out a verb; returns (the JSON answer, a line for people)."""
+    key = os.environ.get("ROLEMESH_ADMIN_KEY") or key  # an operator's key first
     q = urllib.parse.quote
     match args.command:
         case "load" | "unload":
