@@ -270,7 +270,8 @@ class Registry:
             m.memory_need_mb,
             m.last_load_s if m.last_load_s is not None else self.default_load_s,
             devices=tuple(m.devices) if m.devices else None,
-            split=tuple(m.split) if m.split else None, pinned=m.pinned, exclusive=m.exclusive)
+            split=tuple(m.split) if m.split else None, pinned=m.pinned, exclusive=m.exclusive,
+            host_need_mb=m.host_memory_need_mb, allow_disk_paging=m.allow_disk_paging)
             for m in models}
         recent = {m.model_id: m.recent_requests for m in models}
         return replace(node, models=tuple(models), costs=costs, recent_requests=recent)

@@ -56,7 +56,7 @@ def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int,
         pending_limit=status.pending_limit, up=node.state is NodeState.UP,
         recent_requests=node.recent_requests, held=held, sets=node.sets,
         failed=status.failed_models, draining=node.draining,
-        co_residency=node.co_residency)
+        co_residency=node.co_residency, host_available_mb=node.host_memory_available_mb)
 
 
 def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],

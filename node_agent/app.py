@@ -98,7 +98,9 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
             probe_interval_s=config.llama_server_probe_interval_s)
         scheduler = NodeScheduler(config, device_ids, node.budgets,
                                   {m: f.memory_need_mb for m, f in facts.items()}, launcher,
-                                  queue_timeout_s=config.request_timeout_s)
+                                  queue_timeout_s=config.request_timeout_s,
+                                  need_of=node.need_of)
+        scheduler.on_ready = node.measure
         node.attach(scheduler)
         scheduler.listeners.append(scheduler_listener(app[METRICS_KEY]))
         app[NODE_KEY] = node

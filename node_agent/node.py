@@ -13,8 +13,12 @@ from typing import Any
 import structlog
 
 from node_agent.backends import DeviceBackend, DeviceFigures
+from node_agent.backends.host import host_memory, process_memory_mb, process_tree_pids
 from node_agent.config import ModelConfig, NodeAgentConfig
+from node_agent.footprints import Footprints
 from node_agent.instance import ModelInstance
+from node_agent.memory_charge import ModelMemory, read_model_memory
+from node_agent.memory_needs import MemoryNeeds
 from node_agent.scheduler import DEFAULT_LOAD_S, Budget, NodeScheduler
 from rolemesh.api import (
     DeviceStatus,
@@ -40,7 +44,7 @@ from rolemesh.errors import (
     ModelNotReady,
     UnknownDevice,
 )
-from rolemesh.memory_estimate import NotAGGUFFile, estimate_memory_mb, read_gguf_facts
+from rolemesh.memory_estimate import NotAGGUFFile
 
 _MB = 1024 * 1024
 log = structlog.get_logger("node_agent.node")
@@ -55,6 +59,7 @@ class ModelFileError(Exception):
 class ModelFacts:
     file_size_mb: int
     memory_need_mb: int
+    memory: ModelMemory | None = None  # the GGUF's tensor table, for estimates per placement
 
 
 def check_model_files(config: NodeAgentConfig) -> dict[str, ModelFacts]:
@@ -68,12 +73,15 @@ def check_model_files(config: NodeAgentConfig) -> dict[str, ModelFacts]:
             problems.append(f"{where}: {path} does not exist or is not a file")
             continue
         try:
-            gguf = read_gguf_facts(path)
-        except NotAGGUFFile as exc:
+            memory = read_model_memory(model)
+        except (NotAGGUFFile, OSError) as exc:
             problems.append(f"{where}: {exc}")
             continue
-        need = model.memory_mb or estimate_memory_mb(gguf, model.ctx_size, model.parallel)
-        facts[model.model_id] = ModelFacts(-(-gguf.file_size_bytes // _MB), need)
+        gguf = memory.facts
+        need = model.memory_mb or sum(memory.need(model.placement or ("gpu:0",),
+                                                  model.split).per_device_mb.values())
+        facts[model.model_id] = ModelFacts(-(-gguf.file_size_bytes // _MB), need, memory)
+    problems += config.projector_problems()
     if problems:
         raise ModelFileError("\n".join(problems))
     return facts
@@ -95,6 +103,10 @@ class Node:
         self._figures_at = -FIGURES_TTL_S
         self._seq = 0
         self.scheduler: NodeScheduler  # set by attach(): it needs our budgets
+        self.memory = MemoryNeeds({m: f.memory for m, f in facts.items() if f.memory},
+                                  Footprints(config.state_dir))
+        self._host: tuple[int | None, int | None] = (None, None)
+        self._host_at = -FIGURES_TTL_S
 
     def attach(self, scheduler: NodeScheduler) -> None:
         self.scheduler = scheduler
@@ -114,6 +126,51 @@ class Node:
             else:
                 self._figures = {d.device_id: d for d in fresh if d.device_id in self.device_ids}
         return self._figures
+
+    def host(self) -> tuple[int | None, int | None]:
+        """Host RAM (total, available) in MB; (None, None) when it cannot be read."""
+        now = self._clock()
+        if now - self._host_at >= FIGURES_TTL_S:
+            self._host_at = now
+            try:
+                total, available = host_memory()
+                self._host = (total, available)
+            except (OSError, ValueError) as exc:
+                log.warning("host.memory_unreadable", error=str(exc))
+        return self._host
+
+    def need_of(self, model: ModelConfig, devices: tuple[str, ...]
+                ) -> tuple[dict[str, int], str | None]:
+        """What `model` is charged on `devices`, and why host RAM refuses it (or None)."""
+        need = self.memory.need(model, devices, self.host()[1])
+        return need.per_device_mb, need.host_refusal
+
+    def best_placement(self, model: ModelConfig) -> tuple[str, ...]:
+        return model.placement or (self.device_ids[0],)
+
+    def measure(self, inst: ModelInstance) -> None:
+        """What a freshly loaded instance really took: kept, and charged from now on."""
+        proc = inst.process
+        if proc is None or inst.model.memory_mb is not None:
+            return
+        per_device: dict[str, int] | None = None
+        if inst.devices == ("cpu",):
+            total = process_memory_mb(proc.pid)
+            if total is None:
+                return
+            per_device = {"cpu": total}
+        else:
+            by_gpu = getattr(self.backend, "process_memory_mb", None)
+            if by_gpu is None:
+                return  # this backend cannot tell what one process holds
+            per_device = by_gpu(process_tree_pids(proc.pid))
+            if not per_device:
+                return
+            total = sum(per_device.values())
+        self.memory.measured(inst.model, inst.devices, total, per_device)
+        inst.measured_mb = total
+        inst.charged_mb = {d: per_device.get(d, inst.charged_mb.get(d, 0))
+                           for d in inst.devices}
 
     def budgets(self) -> dict[str, Budget]:
         figures = self.figures()
@@ -156,12 +213,24 @@ class Node:
     def model_statuses(self) -> list[ModelStatus]:
         sched = self.scheduler
         out = []
+        host_available = self.host()[1]
         for m in self.config.models:
             facts = self.facts[m.model_id]
             load = sched.load_seconds.get(m.model_id)
+            placement = self.best_placement(m)
+            need = self.memory.need(m, placement, host_available)
+            b = self.memory.breakdown(m, placement) if need.source == "estimated" else None
+            breakdown = None if b is None else {
+                "weights_gpu_mb": b.weights_gpu_mb, "kv_cache_mb": b.kv_cache_mb,
+                "compute_buffer_mb": b.compute_buffer_mb, "projector_mb": b.projector_mb,
+                "weights_host_mb": b.weights_host_mb, "host_mb": b.host_mb}
             out.append(ModelStatus(
                 model_id=m.model_id, roles=list(m.roles), file_size_mb=facts.file_size_mb,
-                memory_need_mb=facts.memory_need_mb, ctx_size=m.ctx_size,
+                memory_need_mb=sum(need.per_device_mb.values()),
+                memory_source=(MemorySource.MEASURED if need.source == "measured"
+                               else MemorySource.ESTIMATED),
+                host_memory_need_mb=need.host_mb, allow_disk_paging=m.allow_disk_paging,
+                memory_breakdown=breakdown, ctx_size=m.ctx_size,
                 devices=list(m.devices) if m.devices else None,
                 split=list(m.split) if m.split else None, pinned=m.pinned, preload=m.preload,
                 exclusive=m.exclusive, ttl_s=self.config.ttl_of(m),
@@ -205,17 +274,24 @@ class Node:
                              models=self.model_statuses(), sets=dict(self.config.sets),
                              draining=self.scheduler.draining,
                              co_residency=self.config.co_residency,
+                             host_memory_total_mb=self.host()[0],
+                             host_memory_available_mb=self.host()[1],
                              recent_stops=self.stop_records())
 
     # -- choosing a device (requests sent to this agent directly) ------------------------------
 
     def costs(self) -> dict[str, ModelCost]:
         sched = self.scheduler
-        return {m.model_id: ModelCost(self.facts[m.model_id].memory_need_mb,
-                                      sched.load_seconds.get(m.model_id, DEFAULT_LOAD_S),
-                                      devices=m.placement, split=m.split, pinned=m.pinned,
-                                      exclusive=m.exclusive)
-                for m in self.config.models}
+        host = self.host()[1]
+        out = {}
+        for m in self.config.models:
+            need = self.memory.need(m, self.best_placement(m), host)
+            out[m.model_id] = ModelCost(
+                sum(need.per_device_mb.values()),
+                sched.load_seconds.get(m.model_id, DEFAULT_LOAD_S), devices=m.placement,
+                split=m.split, pinned=m.pinned, exclusive=m.exclusive,
+                host_need_mb=need.host_mb, allow_disk_paging=m.allow_disk_paging)
+        return out
 
     def views(self) -> list[DeviceView]:
         sched = self.scheduler
@@ -241,7 +317,7 @@ class Node:
                 pending_limit=self.config.max_pending_requests_per_device,
                 recent_requests=recent, held=sets[held] if held else None, sets=sets,
                 failed=sched.failed_models(d), draining=sched.draining,
-                co_residency=self.config.co_residency))
+                co_residency=self.config.co_residency, host_available_mb=self.host()[1]))
         return views
 
     def placement_of(self, model: ModelConfig, device: str) -> tuple[str, ...]:

@@ -89,6 +89,8 @@ async def _heartbeat_until_forgotten(node: Node, http: aiohttp.ClientSession, ba
                                 models=None if models == last_models else models,
                                 sets=dict(node.config.sets) if last_models is None else None,
                                 draining=node.scheduler.draining,
+                                host_memory_total_mb=node.host()[0],
+                                host_memory_available_mb=node.host()[1],
                                 recent_stops=node.stop_records())
         try:
             await _post(http, base + "/v1/nodes/heartbeat", node.config.cluster_token,

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -51,6 +52,9 @@ DEFAULT_LOAD_S = 5.0  # what a load is assumed to cost before one was measured
 MAX_BACKOFF_S = 300.0
 CRASH_LOOP_S = 30.0  # a crash sooner than this after becoming ready counts toward a loop
 STOP_HISTORY = 50
+
+
+NeedOf = Callable[[ModelConfig, tuple[str, ...]], tuple[dict[str, int], str | None]]
 
 
 @dataclass(eq=False)
@@ -93,11 +97,16 @@ class NodeScheduler:
     def __init__(self, config: NodeAgentConfig, device_ids: Sequence[str],
                  budgets: Callable[[], Mapping[str, Budget]], needs_mb: Mapping[str, int],
                  launcher: Launcher, *, queue_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 need_of: NeedOf | None = None) -> None:
         self.config = config
         self.device_ids = tuple(device_ids)  # best first: GPUs, then the CPU
         self._budgets = budgets
         self.needs_mb = dict(needs_mb)
+        # Per placement: (MB per device, why host RAM refuses it or None); None: needs_mb
+        # split evenly (by tensor_split) is all there is.
+        self._need_of = need_of
+        self.on_ready: Callable[[ModelInstance], None] | None = None
         self._launcher = launcher
         self._queue_timeout_s = queue_timeout_s
         self._clock = clock
@@ -346,7 +355,8 @@ class NodeScheduler:
             m.model_id, self.needs_mb[m.model_id],
             load_s=self.load_seconds.get(m.model_id, DEFAULT_LOAD_S), parallel=m.parallel,
             devices=m.placement, split=m.split, pinned=m.pinned, exclusive=m.exclusive,
-            ttl_s=self.config.ttl_of(m), demand=self.recent_requests(m.model_id))
+            ttl_s=self.config.ttl_of(m), demand=self.recent_requests(m.model_id),
+            **self._placement_needs(m))
             for m in self.config.models}
         instances = tuple(InstanceView(
             i.key, i.model_id, i.devices, i.state, i.charged_mb, in_flight=i.in_flight,
@@ -366,6 +376,19 @@ class NodeScheduler:
                         held=held, failed_until=dict(self._failed_until),
                         draining=self.draining, co_residency=self.config.co_residency,
                         patience_s=self.config.max_switch_wait_s, optimize=self._optimize)
+
+    def _placement_needs(self, m: ModelConfig) -> dict[str, Any]:
+        if self._need_of is None:
+            return {}
+        placements = [m.placement] if m.placement else [(d,) for d in self.device_ids]
+        needs: dict[tuple[str, ...], dict[str, int]] = {}
+        refused: dict[tuple[str, ...], str] = {}
+        for p in placements:
+            per_device, refusal = self._need_of(m, p)
+            needs[p] = per_device
+            if refusal is not None:
+                refused[p] = refusal
+        return {"needs": needs, "host_refused": refused}
 
     def _replan(self) -> None:
         if self._closing:
@@ -444,7 +467,9 @@ class NodeScheduler:
         assert model is not None
         key = instance_key(model_id, devices)
         need = self.needs_mb[model_id]
-        inst = ModelInstance(model, devices, split_need(need, devices, model.split),
+        charged = (self._need_of(model, devices)[0] if self._need_of is not None
+                   else split_need(need, devices, model.split))
+        inst = ModelInstance(model, devices, charged,
                              launcher=self._launcher, clock=self._clock,
                              on_change=self._on_change,
                              stop_grace_s=self.config.llama_server_stop_grace_s,
@@ -469,6 +494,8 @@ class NodeScheduler:
             self._emit("instance.ready", {"model": inst.model_id, "devices": list(inst.devices),
                                           "load_s": inst.last_load_s,
                                           "restart": inst.restarts > 0})
+            if self.on_ready is not None:
+                self.on_ready(inst)  # measures what it really took
             for want in list(self._wants):
                 if not want.future.done() and want.model.model_id == inst.model_id and (
                         want.key == inst.key or want.devices == inst.devices

@@ -108,6 +108,10 @@ class ModelStatus(WireModel):
     memory_need_mb: int  # on the device(s): weights there + KV cache + buffers
     memory_source: MemorySource = MemorySource.ESTIMATED
     host_memory_need_mb: int = 0  # in host RAM (weights kept off the GPU)
+    allow_disk_paging: bool = False  # its host-side weights may page from disk (mmap)
+    # The need on its first placement, by component: weights_gpu_mb, kv_cache_mb,
+    # compute_buffer_mb, projector_mb, weights_host_mb, host_mb.
+    memory_breakdown: dict[str, int] | None = None
     devices: list[str] | None = None  # a fixed placement (a device or a group); None: any one
     split: list[float] | None = None  # the group's tensor_split, one weight per device
     pinned: bool = False

@@ -54,8 +54,15 @@ class ModelSpec:
     exclusive: bool = False
     ttl_s: float | None = None
     demand: int = 0  # requests in the recent window: what losing it costs, with load_s
+    # Per placement, when the node knows better than an even split of need_mb (estimated
+    # for that placement by llama.cpp's rules, or measured after a load there).
+    needs: Mapping[tuple[str, ...], Mapping[str, int]] = field(default_factory=dict)
+    host_refused: Mapping[tuple[str, ...], str] = field(default_factory=dict)  # host RAM short
 
     def need_on(self, devices: Sequence[str]) -> dict[str, int]:
+        known = self.needs.get(tuple(devices))
+        if known is not None:
+            return dict(known)
         return split_need(self.need_mb, devices, self.split)
 
 
@@ -225,6 +232,9 @@ class _Work:
 
     def room_for(self, model_id: str, devices: tuple[str, ...]) -> RoomPlan | NoRoom:
         spec = self.view.models[model_id]
+        refused = spec.host_refused.get(devices)
+        if refused is not None:
+            return NoRoom(refused)
         target = Target(model_id, spec.need_on(devices),
                         exclusive=spec.exclusive or not self.view.co_residency)
         if not self.view.co_residency:

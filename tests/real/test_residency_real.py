@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 
 import openai
+import psutil
 import pytest
 
-from tests.processes import llama_server_pids, start_service
+from tests.processes import start_service
 from tests.waiting import free_port, wait_until_sync
 
 pytestmark = pytest.mark.real
@@ -27,8 +28,10 @@ def test_two_real_models_co_reside_answer_in_turn_and_unload_by_ttl(
              "ctx_size": 256, "threads": 1},
         ],
     }
-    before = llama_server_pids()
     with start_service("node_agent", config, tmp_path) as agent:
+        def children() -> list[psutil.Process]:  # this agent's llama-servers, no one else's
+            return psutil.Process(agent.proc.pid).children(recursive=True)
+
         c = openai.OpenAI(base_url=agent.url + "/v1", api_key="-", max_retries=0, timeout=60)
         for _ in range(3):
             chat = c.chat.completions.create(
@@ -38,7 +41,7 @@ def test_two_real_models_co_reside_answer_in_turn_and_unload_by_ttl(
                 model="coder", max_tokens=6, messages=[{"role": "user", "content": "hi"}])
             assert re.fullmatch(r"[0-9\s]+", code.choices[0].message.content or "")
         # Two llama-servers, started once each, both still alive side by side.
-        assert len(llama_server_pids() - before) == 2
+        assert len(children()) == 2
         started = agent.log().count('"event": "instance.loading"')
         assert started == 2, agent.log()[-3000:]
         (cpu,) = agent.get("/v1/node/inventory")["devices"]
@@ -53,5 +56,34 @@ def test_two_real_models_co_reside_answer_in_turn_and_unload_by_ttl(
         stops = agent.get("/v1/node/inventory")["recent_stops"]
         assert sorted((s["model_id"], s["reason"]) for s in stops) == [
             ("digits", "ttl"), ("letters", "ttl")]
-        wait_until_sync(lambda: not (llama_server_pids() - before), timeout_s=10,
-                        what="their llama-servers gone")
+        wait_until_sync(lambda: not children(), timeout_s=10, what="their llama-servers gone")
+
+
+def test_what_a_real_load_measured_replaces_the_estimate_and_survives_a_restart(
+        tmp_path, tiny_models, llama_server_bin):
+    config = {
+        "node_id": "real-node", "listen_port": free_port(), "backend": "cpu",
+        "state_dir": str(tmp_path / "state"), "llama_server_bin": str(llama_server_bin),
+        "llama_server_startup_timeout_s": 60, "log_format": "json",
+        "models": [{"model_id": "letters", "path": str(tiny_models["letters"]),
+                    "roles": ["chat"], "ctx_size": 256, "threads": 1}],
+    }
+    with start_service("node_agent", config, tmp_path) as agent:
+        before = {m["model_id"]: m for m in agent.get("/v1/node/inventory")["models"]}
+        assert before["letters"]["memory_source"] == "estimated"
+        estimated = before["letters"]["memory_need_mb"]
+        c = openai.OpenAI(base_url=agent.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        c.chat.completions.create(model="chat", max_tokens=2,
+                                  messages=[{"role": "user", "content": "hi"}])
+        inventory = agent.get("/v1/node/inventory")
+        (inst,) = inventory["devices"][0]["instances"]
+        assert inst["memory_source"] == "measured"
+        assert inst["memory_measured_mb"] > 0
+        assert inst["memory_charged_mb"] == inst["memory_measured_mb"]
+        assert inst["memory_estimated_mb"] == estimated
+        assert inventory["host_memory_total_mb"] > inventory["host_memory_available_mb"] > 0
+    assert (tmp_path / "state").is_dir()
+    with start_service("node_agent", config, tmp_path) as agent:  # kept in state_dir
+        models = {m["model_id"]: m for m in agent.get("/v1/node/inventory")["models"]}
+        assert models["letters"]["memory_source"] == "measured"
+        assert models["letters"]["memory_need_mb"] == inst["memory_measured_mb"]
