@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import Any
 
 from rolemesh.api import InstanceState
+from rolemesh.memory_breakdown import host_fit
 from rolemesh.residency import NoRoom, Resident, Room, Target, make_room, split_need
 
 
@@ -43,6 +44,7 @@ class Reason(StrEnum):
     HELD_FOR_SET = "held_for_set"  # the operator holds the device for another set
     NO_ROOM = "no_room"  # only pinned (or exclusive-pinned) models could make room
     NOT_ENOUGH_FREE_MEMORY = "not_enough_free_memory"  # held by something outside RoleMesh
+    HOST_MEMORY_SHORT = "host_memory_short"  # its host-RAM part does not fit the node
     MODEL_LOADED = "model_loaded"
     FITS_EMPTY_DEVICE = "fits_empty_device"
     FITS_BESIDE = "fits_beside"  # room beside the resident instances
@@ -97,6 +99,8 @@ class ModelCost:
     split: tuple[float, ...] | None = None  # the group's tensor split
     pinned: bool = False
     exclusive: bool = False
+    host_need_mb: int = 0  # what stays in host RAM on a GPU placement
+    allow_disk_paging: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,7 @@ class DeviceView:
     failed: Mapping[str, float] = field(default_factory=dict)  # model -> backoff left (s)
     draining: bool = False  # its node is draining
     co_residency: bool = True  # False: one model at a time (the node's config)
+    host_available_mb: int | None = None  # its node's host RAM available now
 
     @property
     def key(self) -> tuple[str, str]:
@@ -423,22 +428,13 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
                        memory_total_mb=first.memory_total_mb,
                        memory_free_mb=_room_left(first, margin), **extra)
 
-    if not all(d.up for d in group):
-        return verdict(Reason.NODE_DOWN)
-    if any(d.draining for d in group):
-        return verdict(Reason.NODE_DRAINING)
-    if not all(_fits(need[d.device_id], d.memory_total_mb, policy) for d in group):
-        return verdict(Reason.DOES_NOT_FIT)
-    if any(d.queue >= d.pending_limit for d in group):
-        return verdict(Reason.AT_PENDING_LIMIT)
-    if model_id in first.failed:
-        return verdict(Reason.RECENTLY_FAILED, recently_failed=True,
-                       note=f"backing off for {first.failed[model_id]:.1f}s")
-    # Held for a set without the model: even a loaded instance is being stopped (mode), and
-    # the agent refuses requests for it (as the fast path already assumes).
-    if any(d.held is not None and model_id not in d.held for d in group):
-        return verdict(Reason.HELD_FOR_SET, note=f"{placement_id(ids)} is held for a set "
-                       f"without {model_id}")
+    excluded = _excluded(group, ids, model_id, need, cost, policy)
+    if excluded is not None:
+        return verdict(excluded[0], **excluded[1])
+    paging: str | None = None
+    if cost.host_need_mb and "cpu" not in ids:
+        fit = host_fit(cost.host_need_mb, first.host_available_mb, cost.allow_disk_paging)
+        paging = fit.note if fit.paging else None
     if any(r.model_id == model_id and r.holds and (r.devices or (first.device_id,)) == ids
            for r in first.residents):
         return verdict(Reason.MODEL_LOADED)
@@ -462,13 +458,41 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
         return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=room.cost, evicts=evicts)
     if room.evict:
         return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=room.cost, evicts=evicts,
-                       recently_failed=_failed_here(group))
+                       recently_failed=_failed_here(group), note=paging)
     # A neighbour still loading is busy too (as for eviction): it shares the device's compute.
     busy_neighbours = any(r.busy or r.state is InstanceState.STARTING
                           for d in group for r in d.residents)
     reason = Reason.FITS_BESIDE if residents else Reason.FITS_EMPTY_DEVICE
     return verdict(reason, recently_failed=_failed_here(group),
-                   busy_neighbours=busy_neighbours)
+                   busy_neighbours=busy_neighbours, note=paging)
+
+
+def _excluded(group: Sequence[DeviceView], ids: tuple[str, ...], model_id: str,
+              need: Mapping[str, int], cost: ModelCost, policy: Policy
+              ) -> tuple[Reason, dict[str, Any]] | None:
+    """The first rule that rules a placement out, with what its verdict should say."""
+    first = group[0]
+    if not all(d.up for d in group):
+        return Reason.NODE_DOWN, {}
+    if any(d.draining for d in group):
+        return Reason.NODE_DRAINING, {}
+    if not all(_fits(need[d.device_id], d.memory_total_mb, policy) for d in group):
+        return Reason.DOES_NOT_FIT, {}
+    if cost.host_need_mb and "cpu" not in ids:
+        fit = host_fit(cost.host_need_mb, first.host_available_mb, cost.allow_disk_paging)
+        if not fit.ok:
+            return Reason.HOST_MEMORY_SHORT, {"note": fit.note}
+    if any(d.queue >= d.pending_limit for d in group):
+        return Reason.AT_PENDING_LIMIT, {}
+    if model_id in first.failed:
+        return Reason.RECENTLY_FAILED, {"recently_failed": True,
+                                        "note": f"backing off for {first.failed[model_id]:.1f}s"}
+    # Held for a set without the model: even a loaded instance is being stopped (mode), and
+    # the agent refuses requests for it (as the fast path already assumes).
+    if any(d.held is not None and model_id not in d.held for d in group):
+        return Reason.HELD_FOR_SET, {"note": f"{placement_id(ids)} is held for a set "
+                                             f"without {model_id}"}
+    return None
 
 
 def _no_room_reason(model_id: str, held: Mapping[str, frozenset[str]], occupied: bool

@@ -196,3 +196,18 @@ def test_the_winner_is_eligible_never_evicts_busy_or_pinned_and_order_does_not_m
         # A loaded copy that could take the request would have won.
         assert not any(x.model_id == model and x.holds for v in devices for x in v.residents
                        if v.up and v.queue < v.pending_limit)
+
+
+def test_a_placement_whose_host_ram_part_does_not_fit_is_refused_unless_paging_is_allowed():
+    moe = {"moe": ModelCost(6_400, 60.0, host_need_mb=139_408)}
+    node = DeviceView(node_id="a", device_id="gpu:0", servable=moe, memory_total_mb=24_000,
+                      host_available_mb=40_000)
+    d = choose(["moe"], [node])
+    assert d.outcome is Outcome.ALL_BUSY
+    (v,) = d.verdicts
+    assert v.reason is Reason.HOST_MEMORY_SHORT and "139408" in (v.note or "")
+    paging = {"moe": ModelCost(6_400, 60.0, host_need_mb=139_408, allow_disk_paging=True)}
+    d = choose(["moe"], [DeviceView(node_id="a", device_id="gpu:0", servable=paging,
+                                    memory_total_mb=24_000, host_available_mb=40_000)])
+    assert d.action is Action.LOAD_ON_EMPTY and d.winner is not None
+    assert "disk" in (d.winner.note or "")
