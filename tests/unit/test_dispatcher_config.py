@@ -10,6 +10,7 @@ import pytest
 from dispatcher.cli import EXIT_CONFIG, main
 from dispatcher.config import DispatcherConfig
 from rolemesh.config_loading import ConfigError, load_config, load_config_file
+from rolemesh.simulate.cluster import load_cluster_file
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "configs" / "dispatcher.example.yaml"
@@ -166,6 +167,16 @@ def test_every_shipped_dispatcher_config_loads() -> None:
 
 
 def test_every_file_in_configs_is_a_node_or_dispatcher_config_a_test_loads() -> None:
-    names = [p.name for p in (ROOT / "configs").iterdir()]
+    # The rule: a file directly in configs/ is a service config (node*.yaml, loaded by
+    # test_node_config; dispatcher*.yaml, loaded above). Other kinds live in a subfolder
+    # named for what reads them, and every file there must load as that kind.
+    configs = ROOT / "configs"
+    names = [p.name for p in configs.iterdir() if p.is_file()]
     assert names
     assert all(n.startswith(("node", "dispatcher")) and n.endswith(".yaml") for n in names)
+    folders = {p.name for p in configs.iterdir() if p.is_dir()}
+    assert folders <= {"simulate"}, f"configs/ holds an unknown kind of file: {folders}"
+    simulated = sorted((configs / "simulate").glob("*"))
+    assert all(p.suffix == ".yaml" for p in simulated)
+    for path in simulated:
+        assert load_cluster_file(path).nodes  # a cluster for `rolemesh simulate`
