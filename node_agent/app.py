@@ -101,6 +101,7 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
                                   queue_timeout_s=config.request_timeout_s,
                                   need_of=node.need_of)
         scheduler.on_ready = node.measure
+        scheduler.before_start = node.wait_for_memory
         node.attach(scheduler)
         scheduler.listeners.append(scheduler_listener(app[METRICS_KEY]))
         app[NODE_KEY] = node

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -29,7 +29,8 @@ class ModelInstance:
     def __init__(self, model: ModelConfig, devices: tuple[str, ...], charged_mb: dict[str, int],
                  *, launcher: Launcher, clock: Callable[[], float],
                  on_change: Callable[[ModelInstance], None], stop_grace_s: float,
-                 restarts: int = 0, estimated_mb: int | None = None) -> None:
+                 restarts: int = 0, estimated_mb: int | None = None,
+                 before_start: Callable[[ModelInstance], Awaitable[None]] | None = None) -> None:
         self.model = model
         self.devices = devices
         self.key = instance_key(model.model_id, devices)
@@ -37,6 +38,7 @@ class ModelInstance:
         self.estimated_mb = estimated_mb
         self.measured_mb: int | None = None
         self._launcher = launcher
+        self._before_start = before_start
         self._clock = clock
         self._on_change = on_change
         self._stop_grace_s = stop_grace_s
@@ -110,6 +112,8 @@ class ModelInstance:
     async def _run(self) -> None:
         started = self._clock()
         try:
+            if self._before_start is not None:
+                await self._before_start(self)
             proc = await self._launcher.launch(self.model, self.devices)
         except StartFailed as exc:
             self.last_error = exc.message

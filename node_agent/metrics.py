@@ -26,6 +26,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -107,6 +108,10 @@ class AgentMetrics:
                                 ["model", "device"], registry=r)
         self.crashes = Counter("rolemesh_agent_crashes", "llama-server exits nobody asked for",
                                ["model", "device"], registry=r)
+        self.estimate_error = Gauge(
+            "rolemesh_agent_memory_estimate_error_ratio",
+            "(estimate - measured) / measured of a model's memory, at its last load",
+            ["model", "device"], registry=r)
         self._devices: DevicesSource | None = None
         r.register(_DeviceCollector(lambda: self._devices))
 
@@ -206,4 +211,6 @@ def scheduler_listener(metrics: AgentMetrics) -> Any:
                 metrics.model_load(model, device, None, ok=False)
         elif kind == "instance.stopped":
             metrics.stopped(model, device, str(data.get("reason", "")))
+        elif kind == "instance.measured" and data.get("error_ratio") is not None:
+            metrics.estimate_error.labels(model, device).set(float(data["error_ratio"]))
     return listen

@@ -49,6 +49,7 @@ from rolemesh.memory_estimate import NotAGGUFFile
 _MB = 1024 * 1024
 log = structlog.get_logger("node_agent.node")
 FIGURES_TTL_S = 1.0
+MEMORY_FREE_WAIT_S = 15.0  # the longest a load waits for a stopped process's memory
 
 
 class ModelFileError(Exception):
@@ -168,9 +169,36 @@ class Node:
                 return
             total = sum(per_device.values())
         self.memory.measured(inst.model, inst.devices, total, per_device)
+        estimated = inst.estimated_mb
+        for d in inst.devices:
+            share, was = per_device.get(d), inst.charged_mb.get(d)
+            if share and was is not None:
+                self.scheduler.emit("instance.measured", {
+                    "model": inst.model_id, "devices": [d], "measured_mb": share,
+                    "error_ratio": round((was - share) / share, 4)})
+        log.info("memory.estimate_error", model=inst.model_id, estimated_mb=estimated,
+                 measured_mb=total)
         inst.measured_mb = total
         inst.charged_mb = {d: per_device.get(d, inst.charged_mb.get(d, 0))
                            for d in inst.devices}
+
+    async def wait_for_memory(self, inst: ModelInstance) -> None:
+        """Before a load: wait (bounded) until the backend shows room for it, so a load
+        right after a stop does not fail for memory the stopped process is still freeing."""
+        deadline = self._clock() + MEMORY_FREE_WAIT_S
+        while True:
+            self._figures_at = -FIGURES_TTL_S  # read fresh figures
+            figures = self.figures()
+            short = {d: (figures[d].memory_free_mb, need) for d, need in inst.charged_mb.items()
+                     if d != "cpu" and d in figures and figures[d].memory_free_mb is not None
+                     and figures[d].memory_free_mb < need}
+            if not short:
+                return
+            if self._clock() >= deadline:
+                log.warning("memory.not_freed", model=inst.model_id, waited_s=MEMORY_FREE_WAIT_S,
+                            free_vs_need_mb=short)
+                return
+            await asyncio.sleep(0.25)
 
     def budgets(self) -> dict[str, Budget]:
         figures = self.figures()

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,8 @@ class NodeScheduler:
         # split evenly (by tensor_split) is all there is.
         self._need_of = need_of
         self.on_ready: Callable[[ModelInstance], None] | None = None
+        # Awaited before each launch: the node waits there for memory an earlier stop frees.
+        self.before_start: Callable[[ModelInstance], Awaitable[None]] | None = None
         self._launcher = launcher
         self._queue_timeout_s = queue_timeout_s
         self._clock = clock
@@ -469,7 +471,7 @@ class NodeScheduler:
         need = self.needs_mb[model_id]
         charged = (self._need_of(model, devices)[0] if self._need_of is not None
                    else split_need(need, devices, model.split))
-        inst = ModelInstance(model, devices, charged,
+        inst = ModelInstance(model, devices, charged, before_start=self.before_start,
                              launcher=self._launcher, clock=self._clock,
                              on_change=self._on_change,
                              stop_grace_s=self.config.llama_server_stop_grace_s,
@@ -539,6 +541,10 @@ class NodeScheduler:
                 want.future.set_exception(ModelNotReady(inst.last_error or "load failed"))
         self._emit("instance.failed", {"model": inst.model_id, "devices": list(inst.devices),
                                        "error": inst.last_error, "crashed": inst.ever_ready})
+
+    def emit(self, kind: str, data: dict[str, object]) -> None:
+        """Tell the listeners (metrics) something happened to an instance."""
+        self._emit(kind, data)
 
     def _emit(self, kind: str, data: dict[str, object]) -> None:
         for listener in self.listeners:
