@@ -176,6 +176,9 @@ class ModelConfig(StrictModel):
         if self.cache_type_v not in ("f32", "f16", "bf16") and self.flash_attn is False:
             raise ValueError(f"cache_type_v {self.cache_type_v} needs flash attention "
                              "(llama.cpp refuses a quantized V cache with flash_attn off)")
+        if self.mmproj is not None and self.parallel > 1:
+            raise ValueError(f"parallel {self.parallel} with an mmproj: a vision model runs "
+                             "images one at a time in llama.cpp; use parallel: 1")
         return self
 
     @field_validator("roles")
