@@ -32,7 +32,7 @@ async def upstream_with_empty_cors_header(fake: FakeAgent) -> web.AppRunner:
 
 
 async def test_without_config_answers_carry_no_cors_header_even_when_upstream_sends_one():
-    fake = FakeAgent("node-a", [FakeDevice("gpu:0", loaded_model="m")], [FakeModel("m", ["chat"])])
+    fake = FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["m"])], [FakeModel("m", ["chat"])])
     runner = await upstream_with_empty_cors_header(fake)
     try:
         async with running_dispatcher() as d, aiohttp.ClientSession() as s:

@@ -25,7 +25,7 @@ MODELS = [FakeModel("planner-7b", ["planner"])]
 
 
 def loaded(node_id: str) -> FakeAgent:
-    return FakeAgent(node_id, [FakeDevice("gpu:0", loaded_model="planner-7b")], MODELS)
+    return FakeAgent(node_id, [FakeDevice("gpu:0", loaded=["planner-7b"])], MODELS)
 
 
 def events(raw: bytes) -> list[bytes]:
