@@ -63,7 +63,20 @@ def cluster(tmp_path, tiny_models, fake_llama_server_bin):
         yield c
 
 
-def test_the_event_stream_shows_the_snapshot_a_load_an_eviction_and_each_request(cluster):
+@pytest.fixture
+def switching_cluster(tmp_path, tiny_models, fake_llama_server_bin):
+    """Like `cluster`, but its CPU holds one model at a time: every other model evicts."""
+    models = [model_entry("letters", tiny_models["letters"], ["chat"]),
+              model_entry("digits", tiny_models["digits"], ["coder"])]
+    with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
+                       dispatcher_extra={"api_keys": ["sk-1"]},
+                       agent_extra={"co_residency": False}) as c:
+        yield c
+
+
+def test_the_event_stream_shows_the_snapshot_a_load_an_eviction_and_each_request(
+        switching_cluster):
+    cluster = switching_cluster
     url = cluster.dispatcher.url
     reader = EventReader(url, "sk-1")
     try:

@@ -1,18 +1,25 @@
-"""The event hub: diffs of successive node reports (v1 and v2), and bounded subscribers."""
+"""The event hub: diffs of successive node reports (schema v2), and bounded subscribers."""
 
 from __future__ import annotations
 
 import asyncio
 
 from dispatcher.events import EventHub, diff_devices, instances_of, sse_message
-from rolemesh.api import DeviceStatus, SlotState
+from rolemesh.api import DeviceStatus, InstanceState, InstanceStatus, StopReason, StopRecord
 
 
-def v1(device: str = "gpu:0", model: str | None = None,
-       state: SlotState = SlotState.EMPTY) -> DeviceStatus:
-    return DeviceStatus(device_id=device, name="x", backend="cuda", memory_total_mb=24000,
-                        memory_used_mb=0, memory_free_mb=24000, slot_state=state,
-                        loaded_model=model)
+def device(device_id: str = "gpu:0", model: str | None = None,
+           state: InstanceState = InstanceState.READY, **kw: object) -> DeviceStatus:
+    """A device as the wire carries it: one instance of `model` (or none) in `state`."""
+    instances = [] if model is None else [
+        InstanceStatus(model_id=model, devices=[device_id], state=state, **kw)]
+    return DeviceStatus(device_id=device_id, name="x", backend="cuda", memory_total_mb=24000,
+                        memory_used_mb=0, memory_free_mb=24000, instances=instances)
+
+
+def stop(model: str, reason: StopReason, detail: str | None = None) -> StopRecord:
+    return StopRecord(model_id=model, devices=["gpu:0"], reason=reason, detail=detail,
+                      age_s=0.1)
 
 
 def v2(device: str, *instances: dict) -> dict:
@@ -28,31 +35,35 @@ def types(changes: list) -> list[tuple[str, str | None, str | None]]:
     return [(t, d.get("model_id"), d.get("new") or d.get("reason")) for t, d in changes]
 
 
-def test_a_v1_device_that_loads_a_model_reports_starting_then_ready_and_loaded():
-    memory, first = diff_devices("n", None, [v1()], None)
+def test_a_device_that_loads_a_model_reports_starting_then_ready_and_loaded():
+    memory, first = diff_devices("n", None, [device()], None)
     assert first == []
-    memory, starting = diff_devices("n", memory, [v1(model="a", state=SlotState.STARTING)],
-                                    None)
+    memory, starting = diff_devices("n", memory, [device(model="a",
+                                                         state=InstanceState.STARTING)], None)
     assert types(starting) == [("instance.state", "a", "starting")]
-    _, ready = diff_devices("n", memory, [v1(model="a", state=SlotState.READY)], None)
+    _, ready = diff_devices("n", memory, [device(model="a", last_load_s=1.5)], None)
     assert types(ready) == [("instance.state", "a", "ready"), ("model.loaded", "a", None)]
+    assert ready[1][1]["load_s"] == 1.5
 
 
-def test_a_v1_switch_reads_as_the_old_model_evicted_for_the_new_one():
-    memory, _ = diff_devices("n", None, [v1(model="a", state=SlotState.READY)], None)
-    _, changes = diff_devices("n", memory, [v1(model="b", state=SlotState.STARTING)], None)
+def test_a_switch_reads_as_the_old_model_evicted_for_the_new_one_as_the_node_says():
+    memory, _ = diff_devices("n", None, [device(model="a")], None)
+    _, changes = diff_devices("n", memory, [device(model="b", state=InstanceState.STARTING)],
+                              [stop("a", StopReason.EVICTED_FOR, "b")])
     stopped = [d for t, d in changes if t == "model.stopped"]
     assert len(stopped) == 1
     assert stopped[0]["model_id"] == "a"
     assert stopped[0]["reason"] == "evicted_for"
     assert stopped[0]["detail"] == "b"
+    assert ("instance.state", "a", "empty") in types(changes)
 
 
-def test_a_v1_crash_reads_as_crash():
-    memory, _ = diff_devices("n", None, [v1(model="a", state=SlotState.READY)], None)
-    failed = v1(state=SlotState.FAILED)
-    _, changes = diff_devices("n", memory, [failed], None)
+def test_a_crash_reads_as_crash_with_its_exit_code():
+    memory, _ = diff_devices("n", None, [device(model="a")], None)
+    _, changes = diff_devices("n", memory, [device()],
+                              [stop("a", StopReason.CRASH, "exit code 139")])
     assert ("model.stopped", "a", "crash") in types(changes)
+    assert next(d for t, d in changes if t == "model.stopped")["detail"] == "exit code 139"
 
 
 def test_v2_instances_and_their_stop_records_name_the_reason():
@@ -100,11 +111,11 @@ def hub(**kw: object) -> EventHub:
 
 def test_node_up_comes_once_and_again_after_down():
     h = hub()
-    assert [e.type for e in h.node_report("n", [v1()])] == ["node.up"]
-    assert h.node_report("n", [v1()]) == []
+    assert [e.type for e in h.node_report("n", [device()])] == ["node.up"]
+    assert h.node_report("n", [device()]) == []
     assert h.node_gone("n", "down", "missed heartbeats").type == "node.down"
     assert h.node_gone("n", "down", "again") is None
-    assert [e.type for e in h.node_report("n", [v1()])] == ["node.up"]
+    assert [e.type for e in h.node_report("n", [device()])] == ["node.up"]
 
 
 async def test_a_subscriber_gets_a_snapshot_then_each_event():
@@ -115,7 +126,7 @@ async def test_a_subscriber_gets_a_snapshot_then_each_event():
         snap = await anext(stream)
         assert snap["type"] == "snapshot"
         assert [e["type"] for e in snap["recent"]] == ["request.done"]
-        h.node_report("n", [v1(model="a", state=SlotState.READY)])
+        h.node_report("n", [device(model="a")])
         got = [(await anext(stream))["type"] for _ in range(3)]
         assert got == ["node.up", "instance.state", "model.loaded"]
     assert h.subscribers == 0
