@@ -86,6 +86,7 @@ class Router:
             decision = self.decide(resolution)
             error = None if decision.winner is not None else self.error_for(decision, name)
         rendered = render_decision(decision)
+        self._add_memory(rendered)
         return {
             "model": name,
             "kind": resolution.kind.value if resolution else None,
@@ -93,6 +94,30 @@ class Router:
             "error": ({"status": error.status, **error.body()["error"]}
                       if error is not None else None),
         }
+
+    def _add_memory(self, rendered: dict[str, Any]) -> None:
+        """Each candidate's memory: the need by component (weights on the device, KV cache,
+        compute buffer, projector, weights in host RAM), against the device's total x margin
+        and what is free now, and the node's host RAM."""
+        nodes = self.registry.snapshot().nodes
+        margin = self.policy.memory_safety_margin
+        for c in rendered["candidates"]:
+            node = nodes.get(c["node_id"])
+            status = next((m for m in node.models if m.model_id == c["model_id"]),
+                          None) if node is not None else None
+            if node is None or status is None:
+                continue
+            total = c.get("memory_total_mb")
+            c["memory"] = {
+                "source": status.memory_source.value,
+                "breakdown": status.memory_breakdown,
+                "need_on_device_mb": c.get("memory_need_mb"),
+                "usable_mb": int(total * margin) if total is not None else None,
+                "room_now_mb": c.get("memory_free_mb"),
+                "host_need_mb": status.host_memory_need_mb,
+                "host_available_mb": node.host_memory_available_mb,
+                "allow_disk_paging": status.allow_disk_paging,
+            }
 
     def _not_served(self, name: str) -> str:
         names = self.catalog(up_only=True).names()

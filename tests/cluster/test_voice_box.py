@@ -97,6 +97,13 @@ def test_voice_box_keeps_chat_and_think_warm_and_the_big_model_takes_both_gpus(
         wait_until_sync(lambda: set().union(*resident(dispatcher).values()) ==
                         {"chat-small", "think-small"}, what="both resident")
 
+        route = dispatcher.get("/v1/route?model=coder", TOKEN)
+        (group,) = route["candidates"]
+        assert group["device_id"] == "gpu:0+gpu:1"
+        assert sorted(group["evicts"]) == ["chat-small", "think-small"]
+        assert group["memory"]["need_on_device_mb"] == 10000  # its share on each GPU
+        assert group["memory"]["usable_mb"] == int(12288 * 0.9)
+
         raw = ask(dispatcher, "coder")  # exclusive over both GPUs: evicts both
         assert raw.headers["x-rolemesh-routed-to"] == "voice/gpu:0+gpu:1"
         assert spawns(record)[-1] == "symbols"
