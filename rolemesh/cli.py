@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if fits else cli_memory.EXIT_DOES_NOT_FIT
         if args.command in cli_lifecycle.VERBS:
-            data, text = cli_lifecycle.run(args, key)
-            print(json.dumps(data, indent=2) if args.json else text)
+            answer, said = cli_lifecycle.run(args, key)
+            print(json.dumps(answer, indent=2) if args.json else said)
             return 0
         if args.command == "status":
             data: Any = {"health": fetch(args.url, "/health", key),

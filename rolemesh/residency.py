@@ -90,7 +90,8 @@ def set_options(model_id: str, sets: Mapping[str, frozenset[str]]
     alone); without declared sets, memory alone decides (None)."""
     if not sets:
         return [(None, None)]
-    named = [(name, members) for name, members in sorted(sets.items()) if model_id in members]
+    named: list[tuple[str | None, frozenset[str] | None]] = [
+        (name, members) for name, members in sorted(sets.items()) if model_id in members]
     return named or [(None, frozenset({model_id}))]
 
 
