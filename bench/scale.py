@@ -37,12 +37,13 @@ from bench.services import HOST, Proc, dispatcher_config, free_port, services
 from rolemesh.api import (
     DeviceStatus,
     HeartbeatRequest,
+    InstanceState,
+    InstanceStatus,
     ModelStatus,
     NodeInventory,
     RegisterRequest,
-    SlotState,
 )
-from rolemesh.decision import DeviceView, ModelCost, Policy, choose
+from rolemesh.decision import DeviceView, ModelCost, Policy, ResidentView, choose
 from rolemesh.service import install_uvloop
 
 MODELS = [f"model-{i}" for i in range(8)]
@@ -79,19 +80,27 @@ def make_cluster(n_devices: int, seed: int = 7) -> list[SimNode]:
 
 
 def random_device(rng: random.Random, device_id: str, served: list[str]) -> DeviceStatus:
+    """A device holding 0-2 instances (70 % hold at least one, 30 % of those a second)."""
     total = rng.choice(MEMORY_MB)
-    loaded = rng.choice(served) if rng.random() < 0.7 else None
-    state = (rng.choice([SlotState.READY] * 8 + [SlotState.STARTING, SlotState.DRAINING])
-             if loaded else rng.choice([SlotState.EMPTY] * 9 + [SlotState.FAILED]))
+    count = (2 if rng.random() < 0.3 else 1) if rng.random() < 0.7 else 0
+    loaded = rng.sample(served, count)
     used = rng.randint(total // 3, total) if loaded else rng.randint(0, total // 10)
     limit = 8
     in_flight = rng.randint(0, 4) if loaded else 0
+    instances = [InstanceStatus(
+        model_id=m, devices=[device_id],
+        state=rng.choice([InstanceState.READY] * 8 + [InstanceState.STARTING,
+                                                      InstanceState.DRAINING]),
+        in_flight=in_flight if k == 0 else 0, parallel=4,
+        memory_charged_mb=used // len(loaded)) for k, m in enumerate(loaded)]
     return DeviceStatus(device_id=device_id, name="Simulated GPU", backend="cuda",
                         memory_total_mb=total, memory_used_mb=used,
-                        memory_free_mb=total - used, utilization_pct=None, slot_state=state,
-                        loaded_model=loaded, in_flight=in_flight,
+                        memory_free_mb=total - used, utilization_pct=None,
+                        memory_charged_mb=sum(i.memory_charged_mb for i in instances),
+                        instances=instances, in_flight=in_flight,
                         pending=rng.randint(0, limit - in_flight), pending_limit=limit,
-                        parallel=4)
+                        failed_models={} if loaded or rng.random() < 0.9 else
+                        {rng.choice(served): 2.0})
 
 
 def device_views(nodes: list[SimNode], seed: int = 11) -> list[DeviceView]:
@@ -103,12 +112,15 @@ def device_views(nodes: list[SimNode], seed: int = 11) -> list[DeviceView]:
         recent = {m.model_id: m.recent_requests for m in node.models}
         up = rng.random() >= 0.03
         for d in node.devices:
+            residents = tuple(ResidentView(i.model_id, i.state, busy=i.in_flight + i.queued,
+                                           charged_mb=i.memory_charged_mb)
+                              for i in d.instances)
             views.append(DeviceView(
                 node_id=node.node_id, device_id=d.device_id, servable=costs,
                 memory_total_mb=d.memory_total_mb, memory_free_mb=d.memory_free_mb,
-                loaded_model=d.loaded_model, slot_state=d.slot_state, in_flight=d.in_flight,
+                residents=residents, in_flight=d.in_flight,
                 pending=d.pending, pending_limit=d.pending_limit, up=up,
-                recent_requests=recent))
+                recent_requests=recent, failed=d.failed_models))
     return views
 
 

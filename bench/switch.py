@@ -4,9 +4,10 @@
 
 With the real llama.cpp `llama-server` and two tiny generated GGUF models of different sizes
 (rolemesh.tiny_gguf; the big one a few hundred MB, cached under the bench cache), a node
-agent with one CPU device is asked, in turn, for the model it does not hold. Each switch is
-split, from the client's clock and the agent's JSON log lines (`llama.stopped`,
-`llama.spawned`, `slot.model_ready`), into:
+agent with one CPU device and `co_residency: false` (one model at a time: every change of
+model is a switch) is asked, in turn, for the model it does not hold. Each switch is split,
+from the client's clock and the agent's JSON log lines (`llama.stopped`, `llama.spawned`,
+`instance.ready`), into:
 
   stop         request sent -> the old llama-server has exited
   start        -> the new one is spawned
@@ -173,7 +174,8 @@ def split_switch(events: list[dict[str, Any]], request_id: str, sent: float,
     window = [e for e in events if e.get("request_id") == request_id]
     stopped = next((e for e in window if e.get("event") == "llama.stopped"), None)
     spawned = next((e for e in window if e.get("event") == "llama.spawned"), None)
-    ready = next((e for e in window if e.get("event") == "slot.model_ready"), None)
+    ready = next((e for e in window if e.get("event") == "instance.ready"), None)
+    probed = next((e for e in window if e.get("event") == "llama.ready"), {})
     if stopped is None or spawned is None or ready is None:
         return None
     return {
@@ -182,8 +184,8 @@ def split_switch(events: list[dict[str, Any]], request_id: str, sent: float,
         "readiness_s": _ts(ready) - _ts(spawned),
         "first_token_s": first - _ts(ready),
         "total_s": first - sent,
-        "agent_load_s": ready.get("load_s"), "agent_ready_s": ready.get("ready_s"),
-        "probes": ready.get("probes"),
+        "agent_load_s": ready.get("load_s"), "agent_ready_s": probed.get("ready_s"),
+        "probes": probed.get("probes"),
     }
 
 
@@ -266,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = svc.write_config("agent", agent_config(
             node_id="bench-switch", port=port, state_dir=workdir / "state",
             llama_server_bin=str(binary), pending=4, log_level="info",
-            llama_server_startup_timeout_s=120.0,
+            llama_server_startup_timeout_s=120.0, co_residency=False,
             models=[model_config(m) for m in models]))
         say("starting the node agent...")
         agent = svc.start_python("agent", "node_agent.cli", ["--config", str(cfg)], port)

@@ -248,9 +248,11 @@ class NodeScheduler:
         """Load `model` (on `devices`, or where it fits best) and wait until it is ready."""
         if self.draining:
             raise NodeDraining(f"node {self.config.node_id!r} is draining")
-        for inst in self.instances.values():  # already loaded there: nothing to wait for
-            if inst.model_id == model.model_id and inst.state is S.READY and (
-                    devices is None or inst.devices == devices):
+        # Already ready there: nothing to wait for (the plan starts nothing, so no "ready"
+        # would ever come to complete the wait).
+        for inst in self.instances.values():
+            if (inst.model_id == model.model_id and inst.state is S.READY
+                    and inst.stop_reason is None and (devices is None or inst.devices == devices)):
                 return inst
         want = _Want(next(self._ids), model, devices, why)
         self._wants.append(want)

@@ -431,6 +431,8 @@ def _best_placement(work: _Work, spec: ModelSpec, *, allow_evict: bool
     it now; else (allow_evict) the one whose idle evictions cost least."""
     options: list[tuple[tuple[float, int], tuple[str, ...], RoomPlan]] = []
     for rank, devices in enumerate(_placements(work, spec)):
+        if instance_key(spec.model_id, devices) in work.live:
+            continue  # its instance there is on its way out: one instance per placement
         room = work.room_for(spec.model_id, devices)
         if isinstance(room, NoRoom) or room.waits_for_busy:
             continue
@@ -454,9 +456,8 @@ def _serve_wants(work: _Work) -> None:
             k = instance_key(want.model_id, want.devices)
             if work.has_instance(k):
                 continue
-            inst = work.live.get(k)
-            if inst is not None and inst.state is S.STOPPING:
-                continue
+            if k in work.live:
+                continue  # draining or stopping: a new one once it is gone (one per key)
             _make_room_and_start(work, want.model_id, want.devices, "load",
                                  waited_since=None, want=want.id)
             continue
@@ -526,6 +527,8 @@ def _move_pinned(work: _Work, spec: ModelSpec, placements: list[tuple[str, ...]]
         return
     current = min(held, key=lambda p: ranks[p])
     for p in placements[:ranks[current]]:
+        if instance_key(spec.model_id, p) in work.live:
+            continue  # a copy there is still on its way out
         room = work.room_for(spec.model_id, p)
         if isinstance(room, NoRoom) or room.waits_for_busy:
             continue

@@ -101,13 +101,13 @@ async def running_agent(config: NodeAgentConfig, binary: Path,
     agent = RunningAgent(f"http://127.0.0.1:{config.listen_port}", app, config)
     scheduler = agent.scheduler
     scheduler.listeners.append(lambda kind, data: agent.events.append((kind, dict(data))))
-    start = scheduler._start  # noqa: SLF001 - the harness watches every instance started
+    start = scheduler._start
 
     def watched_start(model_id: str, devices: tuple[str, ...], why: str) -> None:
         start(model_id, devices, why)
         agent.started.append(scheduler.instances[f"{model_id}@{'+'.join(devices)}"])
 
-    scheduler._start = watched_start  # type: ignore[method-assign]  # noqa: SLF001
+    scheduler._start = watched_start  # type: ignore[method-assign]
     agent.started.extend(scheduler.instances.values())  # pinned and preloaded, at start
     site = web.TCPSite(runner, "127.0.0.1", config.listen_port)
     await site.start()

@@ -44,9 +44,11 @@ def test_status_nodes_models_route_and_check_fit_describe_the_cluster(
                                   "MODE", "MODEL", "INSTANCE", "IN+Q", "CHARGED", "TTL", "LEFT"]
         assert row.startswith("node-a")
         cells = row.split()
-        assert "cpu" in cells and "auto" in cells
+        assert "cpu" in cells
+        assert "auto" in cells
         assert cells[-5:-2] == ["letters", "ready", "0+0"]
-        assert cells[-2].endswith(("M", "G")) and cells[-1] == "-"  # charged; no TTL
+        assert cells[-2].endswith(("M", "G"))
+        assert cells[-1] == "-"
 
         listed = rolemesh(url, "models").stdout
         for name in ("letters", "digits", "chat", "coder", "code"):
@@ -76,7 +78,8 @@ def test_status_nodes_models_route_and_check_fit_describe_the_cluster(
             return "letters" in out and "digits" in out
         wait_until_sync(both_listed, what="both instances in `rolemesh nodes`")
         lines = rolemesh(url, "nodes").stdout.splitlines()[1:]
-        assert len(lines) == 2 and lines[1].split()[0] == "digits"  # one row per instance
+        assert len(lines) == 2
+        assert lines[1].split()[0] == "digits"
 
         denied = rolemesh(url, "nodes", key=None)
         assert denied.returncode == 1

@@ -111,7 +111,8 @@ async def test_a_model_that_is_never_ready_gets_503_model_not_ready_after_the_ti
         # Marked failed on the device with a backoff: the next request is not a new load.
         assert "letters-1" in agent.scheduler.failed_models("gpu:0")
         status, headers, _ = await post_chat(s, agent.url, "chat")
-        assert status == 503 and "Retry-After" in headers
+        assert status == 503
+        assert "Retry-After" in headers
         assert len(agent.started) == 1
         async with s.get(agent.url + "/v1/route", params={"model": "chat"}) as resp:
             (candidate,) = (await resp.json())["candidates"]
@@ -200,7 +201,8 @@ async def test_a_body_over_the_limit_gets_413(tmp_path, tiny_models, fake_llama_
         async with s.post(agent.url + "/v1/completions", data=big) as resp:
             assert resp.status == 413
             assert (await resp.json())["error"]["code"] == "body_too_large"
-        assert agent.residents() == {} and agent.loads() == []
+        assert agent.residents() == {}
+        assert agent.loads() == []
 
 
 async def test_the_cluster_token_is_required_when_configured(
@@ -358,4 +360,5 @@ async def test_two_co_resident_models_serve_at_once_without_waiting_for_each_oth
         assert headers["X-RoleMesh-In-Flight"] == "1"  # "a" still running beside it
         assert not slow.done()
         assert (await slow)[0] == 200
-        assert agent.loads() == ["letters-1", "digits-1"] and agent.stops() == []
+        assert agent.loads() == ["letters-1", "digits-1"]
+        assert agent.stops() == []

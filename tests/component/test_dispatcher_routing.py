@@ -80,7 +80,7 @@ async def test_a_model_that_fits_beside_an_idle_resident_loads_there_without_evi
         await a.register(s, d.url)
         route = await get_json(s, d.url + "/v1/route?model=planner")
         assert (route["action"], route["winner"]["evicts"]) == ("load_beside", [])
-        status, headers, answer = await post(s, d.url, chat("planner"))
+        status, _headers, answer = await post(s, d.url, chat("planner"))
         assert (status, content(answer)) == (200, "node-a/gpu:0/planner-7b")
         route = await get_json(s, d.url + "/v1/route?model=coder")
         assert route["action"] == "use_loaded"  # the fake's headers: both resident now

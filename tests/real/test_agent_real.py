@@ -37,7 +37,7 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
 
 
-def test_real_llama_server_answers_by_role_streams_and_switches(agent):
+def test_real_llama_server_answers_by_role_streams_and_keeps_both_models_resident(agent):
     c = client(agent.url)
     letters = c.chat.completions.create(
         model="planner", max_tokens=12, messages=[{"role": "user", "content": "hello"}])
@@ -54,8 +54,9 @@ def test_real_llama_server_answers_by_role_streams_and_switches(agent):
     inventory = agent.get("/v1/node/inventory")
     (cpu,) = inventory["devices"]
     assert cpu["device_id"] == "cpu"
-    assert cpu["loaded_model"] == "digits"
-    assert cpu["slot_state"] == "ready"
+    assert {(i["model_id"], i["state"]) for i in cpu["instances"]} == {
+        ("letters", "ready"), ("digits", "ready")}  # both fit: co-resident, no switch
+    assert cpu["memory_charged_mb"] == sum(i["memory_charged_mb"] for i in cpu["instances"])
     assert cpu["memory_total_mb"] > 0
     models = {m["model_id"]: m for m in inventory["models"]}
     assert models["letters"]["last_load_s"] is not None
@@ -64,6 +65,7 @@ def test_real_llama_server_answers_by_role_streams_and_switches(agent):
     again = c.chat.completions.create(
         model="planner", max_tokens=8, messages=[{"role": "user", "content": "again"}])
     assert re.fullmatch(r"[a-z\s]+", again.choices[0].message.content or "")
+    assert agent.get("/v1/node/inventory")["recent_stops"] == []  # nothing was evicted
 
 
 def test_real_llama_server_serves_embeddings(agent):

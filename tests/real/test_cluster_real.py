@@ -37,8 +37,10 @@ def test_role_labelled_requests_reach_the_right_real_model_on_the_right_node(
         assert re.fullmatch(r"[0-9\s]+", "".join(pieces))
 
         nodes = cluster.nodes()
-        assert nodes["host-a"]["devices"][0]["status"]["loaded_model"] == "letters"
-        assert nodes["host-b"]["devices"][0]["status"]["loaded_model"] == "digits"
+        assert [i["model_id"] for i in nodes["host-a"]["devices"][0]["status"]["instances"]] \
+            == ["letters"]
+        assert [i["model_id"] for i in nodes["host-b"]["devices"][0]["status"]["instances"]] \
+            == ["digits"]
         listed = {m.id for m in client.models.list().data}
         assert {"planner", "coder", "letters", "digits"} <= listed
     wait_until_sync(lambda: not (llama_server_pids() - before), timeout_s=10,

@@ -469,7 +469,8 @@ def test_an_eviction_names_every_model_of_the_cheapest_set() -> None:
     device = dev("gpu:0", loaded=("small", "mid"),
                  recent={"small": 1, "mid": 1})  # 21,600 usable: large needs both gone
     decision = choose(["large"], [device])
-    assert decision.action == Action.EVICT and decision.winner is not None
+    assert decision.action == Action.EVICT
+    assert decision.winner is not None
     assert (decision.winner.evicts, decision.winner.eviction_cost) == (("mid", "small"), 25.0)
     assert decision.explain() == ("large on a/gpu:0: evict (evict_idle_model, stopping mid, "
                                   "small)")
@@ -698,7 +699,8 @@ def test_invariants_hold_over_random_clusters() -> None:
         w = decision.winner
         device = by_key[(w.node_id, w.device_id)]
         assert chosen == [w]
-        assert device.up and not device.draining
+        assert device.up
+        assert not device.draining
         assert device.queue < device.pending_limit
         assert w.model_id not in device.failed
         assert device.held is None or w.model_id in device.held

@@ -396,3 +396,76 @@ def test_a_missing_projector_is_a_problem_named_by_its_key(tmp_path: Path) -> No
     assert config.projector_problems() == [
         "models.1.mmproj (b): missing-mmproj.gguf does not exist or is not a file"]
     assert config.models[0].mmproj == present
+# -- lifecycle keys (docs/lifecycle.md) -------------------------------------------------------
+
+@pytest.mark.parametrize(("key", "default"), [
+    ("co_residency", True), ("cpu_device", False), ("default_ttl_s", None), ("sets", {}),
+    ("load_failure_backoff_s", 2.0), ("unload_timeout_s", 30.0),
+])
+def test_the_residency_keys_default_to_memory_deciding_and_no_ttl(key: str,
+                                                                  default: object) -> None:
+    assert getattr(load(""), key) == default
+
+
+@pytest.mark.parametrize(("key", "default"), [
+    ("pinned", False), ("preload", False), ("ttl_s", None), ("exclusive", False),
+    ("devices", None), ("memory_mb", None), ("split_mode", None),
+])
+def test_a_model_gets_the_lifecycle_default(key: str, default: object) -> None:
+    (model,) = load(ONE_MODEL).models
+    assert getattr(model, key) == default
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (with_model(pinned=True, ttl_s=60),
+     "n.yaml: models.0: a pinned model is never unloaded: ttl_s does not apply"),
+    (with_model(ttl_s=0), "n.yaml: models.0.ttl_s: ttl_s must be > 0 seconds, or 'never'"),
+    (with_model(devices=[]),
+     "n.yaml: models.0.devices: name at least one device, or leave devices out"),
+    (with_model(devices=["gpu:0", "gpu:0"]), "n.yaml: models.0.devices: a device appears twice"),
+    (with_model(devices=["gpu:0", "cpu"]),
+     "n.yaml: models.0.devices: a device group is made of GPUs; 'cpu' cannot be in one"),
+    (with_model(devices=["tpu:0"]), "n.yaml: models.0.devices: 'tpu:0' is not 'cpu' or 'gpu:N'"),
+    (with_model(devices=["gpu:0", "gpu:1"], tensor_split=[1, 2, 3]),
+     "n.yaml: models.0: tensor_split has 3 weights for 2 devices"),
+    (with_model(memory_mb=0),
+     "n.yaml: models.0.memory_mb: Input should be greater than or equal to 1"),
+    (with_model(split_mode="diagonal"),
+     "n.yaml: models.0.split_mode: Input should be 'none', 'layer' or 'row'"),
+    (yaml.safe_dump({"sets": {"voice": []}, "models": [{"model_id": "a", "path": "a.gguf"}]}),
+     "n.yaml: sets.voice: a set names at least one model"),
+    (yaml.safe_dump({"sets": {"voice": ["a", "ghost"]},
+                     "models": [{"model_id": "a", "path": "a.gguf"}]}),
+     "n.yaml: sets.voice: ghost is not a model_id here"),
+    ("default_ttl_s: 0\n", "n.yaml: default_ttl_s: Input should be greater than 0"),
+    ("load_failure_backoff_s: 0\n",
+     "n.yaml: load_failure_backoff_s: Input should be greater than 0"),
+    ("unload_timeout_s: -1\n",
+     "n.yaml: unload_timeout_s: Input should be greater than or equal to 0"),
+], ids=["pinned with a ttl", "ttl not positive", "no devices", "a device twice",
+        "cpu in a group", "not a device id", "split of the wrong length", "memory_mb zero",
+        "unknown split mode", "an empty set", "a set naming an unknown model",
+        "default ttl zero", "backoff zero", "unload timeout negative"])
+def test_bad_lifecycle_settings_are_errors_naming_the_key(text: str, message: str) -> None:
+    assert message in error_of(text)
+
+
+@pytest.mark.parametrize(("model_ttl", "default_ttl", "pinned", "ttl"), [
+    (None, None, False, None), (None, 120.0, False, 120.0), (30.0, 120.0, False, 30.0),
+    ("never", 120.0, False, None), (None, 120.0, True, None), ("never", 120.0, True, None),
+], ids=["no ttl anywhere", "the agent default", "the model's own", "never beats the default",
+        "a pinned model has none", "a pinned model may say never"])
+def test_a_models_ttl_comes_from_itself_then_the_agent_default_never_when_pinned(
+        model_ttl: object, default_ttl: float | None, pinned: bool, ttl: float | None) -> None:
+    model: dict[str, object] = {"model_id": "m", "path": "m.gguf", "pinned": pinned}
+    if model_ttl is not None:
+        model["ttl_s"] = model_ttl
+    config = load(yaml.safe_dump({"default_ttl_s": default_ttl, "models": [model]}))
+    assert config.ttl_of(config.models[0]) == ttl
+
+
+def test_a_device_group_is_a_placement_with_its_split() -> None:
+    (model,) = load(with_model(devices=["gpu:0", "gpu:1"], tensor_split=[1, 1.5])).models
+    assert (model.placement, model.split) == (("gpu:0", "gpu:1"), (1.0, 1.5))
+    (single,) = load(with_model(devices=["gpu:1"], tensor_split=[3, 1])).models
+    assert (single.placement, single.split) == (("gpu:1",), None)  # one device: no split
