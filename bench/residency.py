@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.report import emit_json, goal, goals_table, percentile, ratio, say, table
+from bench.report import emit_json, goal, goals_table, percentile, ratio, table
 from bench.services import ROOT, Proc, agent_config, free_port, http_get, services, wait_until
 from rolemesh.api import InstanceState
 from rolemesh.decision import DeviceView, ModelCost, ResidentView, choose
@@ -275,13 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     scale = decision_at_scale(100 if args.quick else 1000, calls)
     base = alt["one model per device"]
     co = alt["co-residency"]
-    say("== alternating two models that fit together (fake llama-server, "
+    print("== alternating two models that fit together (fake llama-server, "
         f"{load_s:g} s loads, {n_alt} requests)")
-    say(table(["config", "loads", "p50 ms", "p95 ms", "loads vs one-per-device",
+    print(table(["config", "loads", "p50 ms", "p95 ms", "loads vs one-per-device",
                "p50 vs one-per-device"],
               [[k, v["loads"], v["p50_ms"], v["p95_ms"], ratio(v["loads"], base["loads"]),
                 ratio(v["p50_ms"], base["p50_ms"])] for k, v in alt.items()]))
-    say(f"\n== plan() on 8 devices x 16 models: p50 {plans['plan_p50_us']:.1f} us, p99 "
+    print(f"\n== plan() on 8 devices x 16 models: p50 {plans['plan_p50_us']:.1f} us, p99 "
         f"{plans['plan_p99_us']:.1f} us; choose() on the same node p99 "
         f"{plans['choose_p99_us']:.1f} us (ratio {ratio(plans['plan_p99_us'], plans['choose_p99_us']):.2f})")
     line = (f"\n== choose() at {scale['devices']} devices: p50 {scale['p50_us']:.1f} us, p99 "
@@ -289,15 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     if "legacy_p99_us" in scale:
         line += (f"; one-model-per-device decision p99 {scale['legacy_p99_us']:.1f} us (ratio "
                  f"{ratio(scale['p99_us'], scale['legacy_p99_us']):.2f})")
-    say(line)
-    say(f"\n== agent memory: {mem['mb_per_instance']:.2f} MB per resident instance "
+    print(line)
+    print(f"\n== agent memory: {mem['mb_per_instance']:.2f} MB per resident instance "
         f"({mem['agent_rss_mb_none']:.1f} MB with none, {mem['agent_rss_mb_all']:.1f} MB "
         f"with {mem['instances']})")
     goals = [goal("alternation loads == 2 with co-residency", co["loads"] == 2,
                   str(co["loads"])),
              goal("alternation p50 below one-per-device", co["p50_ms"] < base["p50_ms"],
                   f"{ratio(co['p50_ms'], base['p50_ms']):.2f}x")]
-    say("\n" + goals_table(goals))
+    print("\n" + goals_table(goals))
     emit_json("residency", {"alternation": alt, "plan": plans, "decision": scale,
                             "memory": mem, "goals": goals})
     return 0
