@@ -192,7 +192,7 @@ def legacy_decision() -> Any | None:
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["_legacy_decision"] = module
-    exec(compile(source, "legacy decision.py", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(source, "legacy decision.py", "exec"), module.__dict__)
     module.SlotState = SlotState
     return module
 
