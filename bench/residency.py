@@ -136,7 +136,8 @@ def planning(calls: int) -> dict[str, Any]:
     views = big_node_views(v)
     plan_s = time_calls(lambda: plan(v, 20.0), calls)
     choose_s = time_calls(lambda: choose(["m1", "m3"], views).verdicts, calls)
-    return {"plan_p50_us": percentile(plan_s, 50) * 1e6, "plan_p99_us": percentile(plan_s, 99) * 1e6,
+    return {"plan_p50_us": percentile(plan_s, 50) * 1e6,
+            "plan_p99_us": percentile(plan_s, 99) * 1e6,
             "choose_p50_us": percentile(choose_s, 50) * 1e6,
             "choose_p99_us": percentile(choose_s, 99) * 1e6, "actions": len(plan(v, 20.0))}
 
@@ -281,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                "p50 vs one-per-device"],
               [[k, v["loads"], v["p50_ms"], v["p95_ms"], ratio(v["loads"], base["loads"]),
                 ratio(v["p50_ms"], base["p50_ms"])] for k, v in alt.items()]))
+    plan_ratio = ratio(plans["plan_p99_us"], plans["choose_p99_us"])
     print(f"\n== plan() on 8 devices x 16 models: p50 {plans['plan_p50_us']:.1f} us, p99 "
-        f"{plans['plan_p99_us']:.1f} us; choose() on the same node p99 "
-        f"{plans['choose_p99_us']:.1f} us (ratio {ratio(plans['plan_p99_us'], plans['choose_p99_us']):.2f})")
+          f"{plans['plan_p99_us']:.1f} us; choose() on the same node p99 "
+          f"{plans['choose_p99_us']:.1f} us (ratio {plan_ratio:.2f})")
     line = (f"\n== choose() at {scale['devices']} devices: p50 {scale['p50_us']:.1f} us, p99 "
             f"{scale['p99_us']:.1f} us")
     if "legacy_p99_us" in scale:
