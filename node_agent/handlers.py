@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from typing import Any
 
 import aiohttp
@@ -14,7 +13,6 @@ from aiohttp import web
 
 from node_agent.appkeys import HTTP_KEY, NODE_KEY, UPSTREAM_TIMEOUT_KEY
 from node_agent.config import ModelConfig
-from node_agent.handlers_ops import METRICS_KEY
 from node_agent.instance import ModelInstance
 from node_agent.node import Node
 from node_agent.streaming import EarlyStream
@@ -76,28 +74,6 @@ async def route(request: web.Request) -> web.Response:
 
 
 async def openai_request(request: web.Request) -> web.StreamResponse:
-    """Serve one OpenAI request, counted in the agent's metrics by how it ended."""
-    metrics = request.app[METRICS_KEY]
-    started = time.perf_counter()
-    facts: dict[str, str] = {"model": "", "role": ""}
-    outcome = "error"
-    try:
-        response = await _openai_request(request, facts)
-        outcome = "ok" if response.status < 400 else "upstream_error"
-        return response
-    except RoleMeshError as err:
-        outcome = err.code
-        raise
-    except (ConnectionResetError, asyncio.CancelledError):
-        outcome = "client_gone"
-        raise
-    finally:
-        metrics.request(request.path, facts["model"], facts["role"], outcome)
-        if facts["model"]:
-            metrics.latency(request.path, facts["model"], time.perf_counter() - started)
-
-
-async def _openai_request(request: web.Request, facts: dict[str, str]) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     body = await read_body(request, node.config.max_body_bytes)
     head = parse_request_head(body)
@@ -112,8 +88,6 @@ async def _openai_request(request: web.Request, facts: dict[str, str]) -> web.St
             err.headers.update(state_headers(node, tuple(only.split("+"))))
         raise
     structlog.contextvars.bind_contextvars(device="+".join(devices), model=model.model_id)
-    facts["model"] = model.model_id
-    facts["role"] = head.model if head.model in model.roles else ""
     early = EarlyStream(request, model.model_id) if head.stream else None
     try:
         for attempt in (1, 2):
@@ -165,7 +139,6 @@ async def _serve(request: web.Request, node: Node, model: ModelConfig, devices: 
         if stream and upstream.status == 200:
             return await stream_back(request, upstream, state_headers(node, devices))
         data = await read_whole(upstream)
-        request.app[METRICS_KEY].timings(model.model_id, data)
     finally:
         await lease.__aexit__(None, None, None)  # frees the place on every path
     # Built after the lease is given back, so the headers show the queue without this one.
