@@ -87,7 +87,9 @@ async def openai_request(request: web.Request) -> web.StreamResponse:
         if only is not None and all(d in node.device_ids for d in only.split("+")):
             err.headers.update(state_headers(node, tuple(only.split("+"))))
         raise
-    structlog.contextvars.bind_contextvars(device="+".join(devices), model=model.model_id)
+    structlog.contextvars.bind_contextvars(
+        device="+".join(devices), model=model.model_id,
+        role=head.model if head.model in model.roles else None)
     early = EarlyStream(request, model.model_id) if head.stream else None
     try:
         for attempt in (1, 2):
