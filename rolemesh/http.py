@@ -63,7 +63,7 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         # A keep-alive connection serves its requests in one task: nothing of this
         # request may stick to the next one's log lines.
         structlog.contextvars.unbind_contextvars("request_id", "device", "model", "node",
-                                                 "model_id")
+                                                 "model_id", "role")
     if not response.prepared:
         response.headers[headers.REQUEST_ID] = request_id
     return response
