@@ -5,7 +5,8 @@ The body goes out untouched; an SSE answer goes back chunk by chunk as it arrive
 
 How a relayed stream can end, and what the client sees (`StreamEnd`):
 - the upstream finished: its bytes, as they were (`clean`; `error_event` when its last
-  event was an SSE error event, which counts as a broken stream in metrics);
+  event was an SSE error event, which counts as a broken stream in metrics); an OpenAI
+  stream is finished at its `data: [DONE]` event (a client that leaves then had it all);
 - the upstream broke after the first byte, or sent nothing for `idle_timeout_s`: the bytes
   so far, then exactly one terminal `data: {"error": ...}` event (code `upstream_failed`
   or `upstream_timeout`), no `[DONE]`; the upstream connection is closed, which makes it
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -40,6 +41,13 @@ TAIL_BYTES = 4096  # enough of a stream's end to find its last event
 # on another connection is safe. A refused connection (ClientConnectorError, a subclass)
 # is not stale: the upstream is gone.
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# An OpenAI stream's last event. The answer is complete once it is relayed: OpenAI's SDK
+# closes the connection as soon as it reads it, often before the upstream's own end of
+# body arrives, so the relay ends the client's stream there and reads the upstream's last
+# bytes (for its connection's reuse) off the request's path, for at most FINISH_UPSTREAM_S.
+SSE_DONE = b"data: [DONE]\n\n"
+FINISH_UPSTREAM_S = 10.0
+_finishing: set[asyncio.Task[None]] = set()
 
 
 class StreamEnd(StrEnum):
@@ -133,10 +141,13 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
                                   headers=_copy_headers(upstream, extra_headers))
     end = StreamEnd.CLIENT_GONE
     error: str | None = "the client went away"
+    tail = b""
+    # iter_any rather than readany: callers may wrap the content to watch its chunks.
+    chunks = upstream.content.iter_any().__aiter__()
     try:
         try:
             await response.prepare(request)
-            end, error, tail = await _pump(upstream, response, idle_timeout_s)
+            end, error, tail = await _pump(chunks, response, idle_timeout_s)
             if end is StreamEnd.TIMEOUT:
                 await response.write(sse_error_event(f"{error}; the stream was ended",
                                                      code="upstream_timeout"))
@@ -146,23 +157,27 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
                 end = StreamEnd.ERROR_EVENT
             await response.write_eof()
         except ConnectionError:  # only writes to the client raise it out of _pump
-            end, error = StreamEnd.CLIENT_GONE, "the client went away"
-            request[CLIENT_GONE_KEY] = True
+            if not (end is StreamEnd.CLEAN and tail.endswith(SSE_DONE)):  # it had it all
+                end, error = StreamEnd.CLIENT_GONE, "the client went away"
+                request[CLIENT_GONE_KEY] = True
         return Relayed(response, end, error)
     finally:
         # A cleanly finished upstream goes back to the keep-alive pool; any other ending
         # closes it so the upstream notices and stops generating.
         if end is StreamEnd.CLEAN and upstream.content.is_eof():
             upstream.release()
+        elif end is StreamEnd.CLEAN:
+            task = asyncio.get_running_loop().create_task(_finish(upstream, chunks))
+            _finishing.add(task)
+            task.add_done_callback(_finishing.discard)
         else:
             upstream.close()
 
 
-async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse,
+async def _pump(chunks: AsyncIterator[bytes], response: web.StreamResponse,
                 idle_timeout_s: float | None) -> tuple[StreamEnd, str | None, bytes]:
-    """Copy chunks until the upstream ends, breaks or stalls: (how, why, the last bytes)."""
-    # iter_any rather than readany: callers may wrap the content to watch its chunks.
-    chunks = upstream.content.iter_any().__aiter__()
+    """Copy chunks until the upstream ends, breaks or stalls, or its answer is complete
+    ([DONE]): (how, why, the last bytes)."""
     tail = b""
     while True:
         try:
@@ -177,6 +192,24 @@ async def _pump(upstream: aiohttp.ClientResponse, response: web.StreamResponse,
         await response.write(chunk)
         tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else \
             (tail + chunk)[-TAIL_BYTES:]
+        if tail.endswith(SSE_DONE):
+            return StreamEnd.CLEAN, None, tail
+
+
+async def _finish(upstream: aiohttp.ClientResponse, chunks: AsyncIterator[bytes]) -> None:
+    """Read what an answered stream's upstream still sends (its end of body), then give its
+    connection back to the pool; close it instead if that fails or takes too long."""
+    try:
+        async with asyncio.timeout(FINISH_UPSTREAM_S):
+            async for _ in chunks:
+                pass
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        upstream.close()
+    except asyncio.CancelledError:
+        upstream.close()
+        raise
+    else:
+        upstream.release()
 
 
 async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse,
