@@ -63,7 +63,7 @@ async def test_a_client_that_leaves_mid_stream_is_logged_as_gone_without_a_trace
                               json=chat("chat", stream=True, max_tokens=200)) as resp:
                 await resp.content.readuntil(b"\n\n")
                 resp.close()  # leave with the stream half-way
-        await wait_until(lambda: agent.slot().snapshot().in_flight == 0, what="freed")
+        await wait_until(lambda: agent.queue() == (0, 0), what="freed")
         await stream_once(s, agent.url)  # and the device serves the next one
     out = capsys.readouterr()
     logged = out.out + out.err + caplog.text
