@@ -18,21 +18,34 @@ from typing import Any
 import yaml
 
 
-def llama_server_pids() -> set[int]:
-    """Every live llama-server (real or fake) on this machine."""
+def llama_server_pids(under: int | None = None) -> set[int]:
+    """Every live llama-server (real or fake) on this machine, or only those descended from
+    process `under` (other tests on the machine start and stop their own meanwhile)."""
     pids = set()
+    parents: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if state != "Z" and any(part.endswith((b"llama-server", b"fake_llama_server.py"))
-                                for part in cmdline[:2]):
+        parents[int(proc.name)] = int(stat[1])
+        if stat[0] != "Z" and any(part.endswith((b"llama-server", b"fake_llama_server.py"))
+                                  for part in cmdline[:2]):
             pids.add(int(proc.name))
-    return pids
+    if under is None:
+        return pids
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == under:
+                return True
+        return False
+
+    return {pid for pid in pids if descends(pid)}
 
 
 @dataclass

@@ -95,16 +95,16 @@ def test_a_backend_that_cannot_work_here_says_so_at_start(tmp_path, tiny_models,
 def test_sigterm_stops_the_agent_and_every_llama_server_it_started(
         tmp_path, tiny_models, fake_llama_server_bin):
     config = base(tmp_path, tiny_models, llama_server_bin=str(fake_llama_server_bin))
-    before = llama_server_pids()
     with start_service("node_agent", config, tmp_path) as agent:
         body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}]})
         request = urllib.request.Request(agent.url + "/v1/chat/completions", body.encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as resp:
             assert resp.status == 200
-        assert llama_server_pids() - before
+        children = llama_server_pids(under=agent.proc.pid)
+        assert children
         assert agent.stop(signal.SIGTERM) == 0
-    wait_until_sync(lambda: not (llama_server_pids() - before), timeout_s=5,
+    wait_until_sync(lambda: not (llama_server_pids() & children), timeout_s=5,
                     what="children gone")
     log = agent.log()
     assert "agent.stopped" in log
