@@ -24,8 +24,9 @@ placement is one device, or the device group a model is split over. The rules, i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
@@ -101,6 +102,7 @@ class ModelCost:
     exclusive: bool = False
     host_need_mb: int = 0  # what stays in host RAM on a GPU placement
     allow_disk_paging: bool = False
+    service_s: float | None = None  # seconds one request holds the device; None: policy's
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class DeviceView:
     draining: bool = False  # its node is draining
     co_residency: bool = True  # False: one model at a time (the node's config)
     host_available_mb: int | None = None  # its node's host RAM available now
+    last_routed: float = 0.0  # when the dispatcher last sent it a request (0: never)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -170,6 +173,11 @@ class DeviceView:
 class Policy:
     memory_safety_margin: float = 0.9  # a model fits when need <= total x margin
     busy_retry_after_s: float = 1.0
+    # The cost model (docs/scheduling.md): expected seconds to serve a request.
+    default_service_s: float = 10.0  # a request's device time when none is measured
+    load_weight: float = 4.0  # a load counts this many times its seconds (GPU time, churn)
+    regret_horizon_s: float = 300.0  # an evicted model is missed if wanted within this
+    demand_window_s: float = 600.0  # what `recent_requests` counts over
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,14 @@ class Verdict:
     recently_failed: bool = False  # a failed start here, backing off (or about to retry)
     busy_neighbours: bool = False  # instances on it are serving: it would share compute
     note: str | None = None  # why it is excluded, when a reason alone does not say
+    # The cost model: expected seconds until the request is served here = wait behind the
+    # queue + load (weighted, when not resident) + regret (reloads what it evicts will cost).
+    expected_s: float | None = None
+    wait_s: float | None = None
+    load_s: float | None = None
+    regret_s: float | None = None
+    would: Reason | None = None  # at its pending limit: what it would do once under it
+    last_routed: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,9 @@ class Decision:
     # For FITS_NOWHERE: the smallest need among the models and the largest device seen.
     smallest_need_mb: int | None = None
     largest_device_mb: int | None = None
+    # ALL_BUSY because waiting for this candidate (at its pending limit) costs less than
+    # any placement that would take the request now: the dispatcher holds the request.
+    waits_for: Verdict | None = None
     judge_all: Callable[[], Decision] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
@@ -228,6 +247,11 @@ class Decision:
             case Outcome.FITS_NOWHERE:
                 return (f"{names} needs about {self.smallest_need_mb} MB; the largest device "
                         f"has {self.largest_device_mb} MB")
+            case Outcome.ALL_BUSY if self.waits_for is not None and any(
+                    v.reason in _ELIGIBLE for v in self.verdicts):
+                w = self.waits_for
+                return (f"waiting for {w.model_id} on {w.node_id}/{w.device_id} (about "
+                        f"{w.expected_s or 0:.0f}s) costs less than loading it elsewhere")
             case _:
                 return f"every device that can serve {names} is busy"
 
@@ -275,7 +299,10 @@ def losing_cost(device: DeviceView, model_id: str, holders: Mapping[str, int]) -
 
 # Every key ends with (node, placement, model): a tie never depends on input order.
 _RANK: dict[Reason, Callable[[Verdict], tuple[Any, ...]]] = {
-    Reason.MODEL_LOADED: lambda v: (v.queue, -(v.memory_free_mb or 0),
+    # Copies by expected wait (a loading one counts half a load), then among equal ones
+    # the least recently routed to, so a burst spreads over them.
+    Reason.MODEL_LOADED: lambda v: (round(v.expected_s or 0.0, 6), v.queue, v.last_routed,
+                                    -(v.memory_free_mb or 0),
                                     v.node_id, v.device_id, v.model_id),
     # A failed placement is empty too, but whatever broke it may break the next load as
     # well; then a device with no busy neighbour (they would share its compute); then the
@@ -288,7 +315,10 @@ _RANK: dict[Reason, Callable[[Verdict], tuple[Any, ...]]] = {
     Reason.EVICT_IDLE_MODEL: lambda v: (v.eviction_cost or 0.0, v.recently_failed,
                                         _room(v), v.memory_need_mb or 0,
                                         v.node_id, v.device_id, v.model_id),
-    Reason.SWITCH_AFTER_QUEUE: lambda v: (v.queue, v.eviction_cost or 0.0,
+    # A switch by what it costs in all: the wait for the busy residents, the load, and
+    # the reloads of what it evicts (not by queue alone).
+    Reason.SWITCH_AFTER_QUEUE: lambda v: (round(v.expected_s or 0.0, 6), v.queue,
+                                          v.eviction_cost or 0.0,
                                           v.node_id, v.device_id, v.model_id),
 }
 _RANK[Reason.FITS_BESIDE] = _RANK[Reason.FITS_EMPTY_DEVICE]
@@ -298,40 +328,88 @@ def _room(v: Verdict) -> float:
     return float("inf") if v.memory_free_mb is None else v.memory_free_mb  # unknown last
 
 
+_GROUP_OF: dict[Reason, int] = {r: i for i, group in enumerate(_GROUPS) for r in group}
+
+
+def _cost_key(v: Verdict) -> tuple[Any, ...]:
+    """One order over every costed candidate: expected seconds, then (on a tie) one that
+    can take the request now before one at its limit, the rule groups of old, and the
+    group's own ranking."""
+    reason = v.would if v.reason is Reason.AT_PENDING_LIMIT and v.would else v.reason
+    return (round(v.expected_s or 0.0, 6), v.reason is Reason.AT_PENDING_LIMIT,
+            _GROUP_OF[reason], *_RANK[reason](v))
+
+
+def service_s(cost: ModelCost, policy: Policy) -> float:
+    return cost.service_s if cost.service_s is not None else policy.default_service_s
+
+
+def loaded_expected(queue: int, starting: bool, cost: ModelCost, policy: Policy
+                    ) -> tuple[float, float]:
+    """(wait, load) for a request sent to a copy that is ready or loading: the queue ahead
+    of it, and half a load when the copy is still loading (it began some time ago)."""
+    return queue * service_s(cost, policy), (0.5 * cost.load_s if starting else 0.0)
+
+
+def regret_s(device: DeviceView, evicted: Sequence[Resident], holders: Mapping[str, int],
+             policy: Policy) -> float:
+    """What evicting these costs later: for each, the chance it is wanted again within the
+    horizon (from its recent requests, a Poisson guess; 0 when another copy runs) times a
+    weighted reload."""
+    total = 0.0
+    for r in evicted:
+        if r.leaving or holders.get(r.model_id, 0) > 1:
+            continue
+        cost = device.servable.get(r.model_id)
+        load = cost.load_s if cost is not None else 1.0
+        recent = device.recent_requests.get(r.model_id, 0)
+        if r.busy:  # serving now: at least that request is demand
+            recent = max(recent, 1)
+        chance = 1.0 - math.exp(-recent / policy.demand_window_s * policy.regret_horizon_s)
+        total += chance * policy.load_weight * load
+    return total
+
+
 _DEFAULT_POLICY = Policy()
 
 
 def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
-           policy: Policy | None = None) -> Decision:
+           policy: Policy | None = None, held_ahead: int = 0) -> Decision:
+    """`held_ahead`: requests for the same name the dispatcher already holds, older than
+    this one; waiting for a busy copy means waiting behind them too."""
     policy = policy or _DEFAULT_POLICY
     wanted = tuple(dict.fromkeys(model_ids))
-    fast = _use_loaded_fast(wanted, devices, policy)
+    fast = _use_loaded_fast(wanted, devices, policy, held_ahead)
     if fast is not None:
         return fast
-    return _judge_all(wanted, devices, policy)
+    return _judge_all(wanted, devices, policy, held_ahead)
 
 
-def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],
-                     policy: Policy) -> Decision | None:
+def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # noqa: PLR0912
+                     policy: Policy, held_ahead: int = 0) -> Decision | None:
     """Rule 3 without judging every candidate: the common case, kept cheap at scale.
 
     Only single-device instances of a wanted model are looked at; when one of them can
-    take the request it wins exactly as in `_judge_all` (same tests, same ranking), and the
-    other candidates' verdicts are judged only if someone reads them.
+    take the request it wins as in `_judge_all` (same tests, same ranking), and the other
+    candidates' verdicts are judged only if someone reads them. It is final only while its
+    expected wait is below a weighted load of the model (no placement that loads can beat
+    it then, if the nodes load it about as fast); a longer queue is judged in full, where a
+    new copy elsewhere may win.
     """
     wanted_set = frozenset(wanted)
     margin = policy.memory_safety_margin
     loaded_states = _LOADED_STATES
     best: tuple[DeviceView, ResidentView] | None = None
     best_key: tuple[Any, ...] | None = None
-    best_queue = None
+    best_wait = math.inf
+    waits_here, wait_svc = 0, 0.0
     for d in devices:
         if wanted_set.isdisjoint(d.single_holds):
             continue
         queue = d.in_flight + d.pending
-        if queue >= d.pending_limit or not d.up or d.draining or (
-                best_queue is not None and queue > best_queue):
+        if not d.up or d.draining:
             continue
+        at_limit = queue >= d.pending_limit
         for r in d.residents:
             model = r.model_id
             if model not in wanted_set or r.state not in loaded_states or r.devices:
@@ -348,20 +426,39 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],
             room = None if total is None else int(total * margin) - d.charged_mb
             if room is not None and free is not None and free < room:
                 room = free
-            key = (queue, -(room or 0), d.node_id, d.device_id, model)
+            wait, load = loaded_expected(queue, r.state is InstanceState.STARTING, cost,
+                                         policy)
+            if at_limit:  # waiting for it may beat every copy that takes it now
+                best_wait = min(best_wait, round(wait + load, 6))
+                waits_here += 1
+                wait_svc = service_s(cost, policy)
+                continue
+            key = (round(wait + load, 6), queue, d.last_routed, -(room or 0), d.node_id,
+                   d.device_id, model)
             if best_key is None or key < best_key:
-                best, best_key, best_queue = (d, r), key, queue
-    if best is None:
+                best, best_key = (d, r), key
+    if waits_here and held_ahead:  # the same share of the held ones as in _judge_all
+        best_wait += round(held_ahead * wait_svc / waits_here, 6)
+    if best is None or best_key is None or (waits_here and best_wait < best_key[0]):
         return None
     d, r = best
     cost = d.servable[r.model_id]
+    wait, load = loaded_expected(d.queue, r.state is InstanceState.STARTING, cost, policy)
+    if wait + load > 0:
+        # A load anywhere costs at least the quickest weighted load of a wanted model (read
+        # only when the copy has a queue: an idle one is never beaten).
+        quickest = min((c.load_s for x in devices for m in wanted
+                        if (c := x.servable.get(m)) is not None), default=math.inf)
+        if wait + load >= policy.load_weight * quickest:
+            return None  # a load elsewhere might serve it sooner: judge every candidate
     winner = Verdict(d.node_id, d.device_id, r.model_id, Reason.MODEL_LOADED, chosen=True,
                      queue=d.queue, memory_need_mb=cost.memory_need_mb,
                      memory_total_mb=d.memory_total_mb,
-                     memory_free_mb=_room_left(d, margin))
+                     memory_free_mb=_room_left(d, margin), expected_s=wait + load,
+                     wait_s=wait, load_s=load, regret_s=0.0, last_routed=d.last_routed)
     snapshot = list(devices)
     return Decision(Outcome.ROUTED, wanted, None, winner=winner, action=Action.USE_LOADED,
-                    judge_all=lambda: _judge_all(wanted, snapshot, policy))
+                    judge_all=lambda: _judge_all(wanted, snapshot, policy, held_ahead))
 
 
 def _room_left(d: DeviceView, margin: float) -> int | None:
@@ -374,7 +471,7 @@ def _room_left(d: DeviceView, margin: float) -> int | None:
 
 
 def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
-               policy: Policy) -> Decision:
+               policy: Policy, held_ahead: int = 0) -> Decision:
     holders = holders_of(devices)
     by_node: dict[str, dict[str, DeviceView]] = {}
     for d in devices:
@@ -401,11 +498,24 @@ def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
             if verdict.reason in eligible:
                 eligible[verdict.reason].append(verdict)
 
-    for reasons in _GROUPS:
-        group_verdicts = [v for r in reasons for v in eligible[r]]
-        if not group_verdicts:
-            continue
-        best = min(group_verdicts, key=_RANK[group_verdicts[0].reason])
+    # Every candidate is weighed by its expected seconds to serve, whatever it would do:
+    # use a copy, load beside, evict idle models, switch after a queue, or (a copy at its
+    # pending limit) wait while the dispatcher holds the request. On a tie: a copy before
+    # a load beside before an eviction before a switch, then each rule's own ranking.
+    waits = [v for v in verdicts if v.reason is Reason.AT_PENDING_LIMIT
+             and v.would is Reason.MODEL_LOADED]
+    if waits and held_ahead:
+        # The requests already held wait for the same copies: a share of them each.
+        share = held_ahead / len(waits)
+        held = {id(v): _behind_held(v, share, devices, policy) for v in waits}
+        verdicts = [held.get(id(v), v) for v in verdicts]
+        waits = list(held.values())
+    costed = [*waits, *(v for r in _ELIGIBLE for v in eligible[r])]
+    if costed:
+        best = min(costed, key=_cost_key)
+        if best.reason is Reason.AT_PENDING_LIMIT:
+            return Decision(Outcome.ALL_BUSY, wanted, tuple(verdicts), waits_for=best,
+                            retry_after_s=policy.busy_retry_after_s)
         winner = _with_chosen(best)
         final = tuple(winner if v is best else v for v in verdicts)
         return Decision(Outcome.ROUTED, wanted, final, winner=winner,
@@ -415,29 +525,46 @@ def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
 
 
 def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: Policy,
-           holders: Mapping[str, int]) -> Verdict:
+           holders: Mapping[str, int], *, over_limit: bool = False) -> Verdict:
     first = group[0]
     ids = tuple(d.device_id for d in group)
     need = split_need(cost.memory_need_mb, ids, cost.split)
     queue = max(d.queue for d in group)
     margin = policy.memory_safety_margin
+    svc = service_s(cost, policy)
+    weighted_load = policy.load_weight * cost.load_s
 
     def verdict(reason: Reason, **extra: Any) -> Verdict:
         return Verdict(first.node_id, placement_id(ids), model_id, reason, queue=queue,
                        memory_need_mb=need[first.device_id],
                        memory_total_mb=first.memory_total_mb,
-                       memory_free_mb=_room_left(first, margin), **extra)
+                       memory_free_mb=_room_left(first, margin),
+                       last_routed=max(d.last_routed for d in group), **extra)
 
-    excluded = _excluded(group, ids, model_id, need, cost, policy)
+    def costed(reason: Reason, wait: float, load: float, regret: float,
+               **extra: Any) -> Verdict:
+        return verdict(reason, expected_s=wait + load + regret, wait_s=wait, load_s=load,
+                       regret_s=regret, **extra)
+
+    excluded = _excluded(group, ids, model_id, need, cost, policy, over_limit=over_limit)
     if excluded is not None:
+        if excluded[0] is Reason.AT_PENDING_LIMIT and _excluded(
+                group, ids, model_id, need, cost, policy, over_limit=True) is None:
+            # What it would do once under its limit, and what waiting for that costs: the
+            # decision may prefer waiting (the dispatcher holds the request) to a load.
+            would = _judge(group, model_id, cost, policy, holders, over_limit=True)
+            if would.reason is Reason.MODEL_LOADED:
+                return replace(would, reason=Reason.AT_PENDING_LIMIT, would=would.reason)
         return verdict(excluded[0], **excluded[1])
     paging: str | None = None
     if cost.host_need_mb and "cpu" not in ids:
         fit = host_fit(cost.host_need_mb, first.host_available_mb, cost.allow_disk_paging)
         paging = fit.note if fit.paging else None
-    if any(r.model_id == model_id and r.holds and (r.devices or (first.device_id,)) == ids
-           for r in first.residents):
-        return verdict(Reason.MODEL_LOADED)
+    mine = next((r for r in first.residents if r.model_id == model_id and r.holds
+                 and (r.devices or (first.device_id,)) == ids), None)
+    if mine is not None:
+        wait, load = loaded_expected(queue, mine.state is InstanceState.STARTING, cost, policy)
+        return costed(Reason.MODEL_LOADED, wait, load, 0.0)
 
     rooms = {d.device_id: Room(d.memory_total_mb, margin, d.memory_free_mb) for d in group}
     residents = _residents(group, holders)
@@ -449,27 +576,32 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     # Its own instance here is on its way out: a placement holds one instance per model, so
     # a new one can only load after that one is gone (the agent waits for it).
     evicts = tuple(sorted({residents[k].model_id for k in room.evict}))
+    regret = regret_s(first, [residents[k] for k in room.evict], holders, policy)
+    wait = queue * svc  # what runs there now: it drains first, or shares the compute
     if any(r.model_id == model_id and r.state in _LEAVING_STATES
            and (r.devices or (first.device_id,)) == ids for r in first.residents):
-        return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=room.cost if evicts else None,
-                       evicts=evicts, note=f"{model_id} is stopping here; a new instance "
-                       "loads once it is gone")
+        return costed(Reason.SWITCH_AFTER_QUEUE, wait, weighted_load, regret,
+                      eviction_cost=room.cost if evicts else None,
+                      evicts=evicts, note=f"{model_id} is stopping here; a new instance "
+                      "loads once it is gone")
     if room.waits_for_busy or (room.waits_for_leaving and not room.evict):
-        return verdict(Reason.SWITCH_AFTER_QUEUE, eviction_cost=room.cost, evicts=evicts)
+        return costed(Reason.SWITCH_AFTER_QUEUE, wait, weighted_load, regret,
+                      eviction_cost=room.cost, evicts=evicts)
     if room.evict:
-        return verdict(Reason.EVICT_IDLE_MODEL, eviction_cost=room.cost, evicts=evicts,
-                       recently_failed=_failed_here(group), note=paging)
+        return costed(Reason.EVICT_IDLE_MODEL, wait, weighted_load, regret,
+                      eviction_cost=room.cost, evicts=evicts,
+                      recently_failed=_failed_here(group), note=paging)
     # A neighbour still loading is busy too (as for eviction): it shares the device's compute.
     busy_neighbours = any(r.busy or r.state is InstanceState.STARTING
                           for d in group for r in d.residents)
     reason = Reason.FITS_BESIDE if residents else Reason.FITS_EMPTY_DEVICE
-    return verdict(reason, recently_failed=_failed_here(group),
-                   busy_neighbours=busy_neighbours, note=paging)
+    return costed(reason, wait, weighted_load, 0.0, recently_failed=_failed_here(group),
+                  busy_neighbours=busy_neighbours, note=paging)
 
 
 def _excluded(group: Sequence[DeviceView], ids: tuple[str, ...], model_id: str,
-              need: Mapping[str, int], cost: ModelCost, policy: Policy
-              ) -> tuple[Reason, dict[str, Any]] | None:
+              need: Mapping[str, int], cost: ModelCost, policy: Policy,
+              over_limit: bool = False) -> tuple[Reason, dict[str, Any]] | None:
     """The first rule that rules a placement out, with what its verdict should say."""
     first = group[0]
     if not all(d.up for d in group):
@@ -482,7 +614,7 @@ def _excluded(group: Sequence[DeviceView], ids: tuple[str, ...], model_id: str,
         fit = host_fit(cost.host_need_mb, first.host_available_mb, cost.allow_disk_paging)
         if not fit.ok:
             return Reason.HOST_MEMORY_SHORT, {"note": fit.note}
-    if any(d.queue >= d.pending_limit for d in group):
+    if not over_limit and any(d.queue >= d.pending_limit for d in group):
         return Reason.AT_PENDING_LIMIT, {}
     if model_id in first.failed:
         return Reason.RECENTLY_FAILED, {"recently_failed": True,
@@ -527,6 +659,16 @@ def _residents(group: Sequence[DeviceView], holders: Mapping[str, int]) -> dict[
     return {k: Resident(v.key, v.model_id, charged[k], busy=v.busy, pinned=v.pinned,
                         exclusive=v.exclusive, cost=v.cost, leaving=v.leaving)
             for k, v in out.items()}
+
+
+def _behind_held(v: Verdict, share: float, devices: Sequence[DeviceView], policy: Policy
+                 ) -> Verdict:
+    device = next(d for d in devices if d.node_id == v.node_id
+                  and d.device_id == v.device_id.split("+")[0])
+    cost = device.servable[v.model_id]
+    extra = round(share * service_s(cost, policy), 6)
+    return replace(v, wait_s=(v.wait_s or 0.0) + extra, expected_s=(v.expected_s or 0.0) + extra,
+                   note=f"{share:g} held ahead at the dispatcher")
 
 
 def _with_chosen(v: Verdict) -> Verdict:

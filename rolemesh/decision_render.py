@@ -15,7 +15,14 @@ def render_verdict(v: Verdict) -> dict[str, Any]:
         "memory_free_mb": v.memory_free_mb, "eviction_cost": v.eviction_cost,
         "evicts": list(v.evicts), "recently_failed": v.recently_failed,
         "busy_neighbours": v.busy_neighbours, "note": v.note,
+        # The cost model: expected seconds to serve it here, and its parts.
+        "expected_s": _s(v.expected_s), "wait_s": _s(v.wait_s), "load_s": _s(v.load_s),
+        "regret_s": _s(v.regret_s), "would": v.would.value if v.would else None,
     }
+
+
+def _s(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def render_decision(decision: Decision) -> dict[str, Any]:
@@ -26,5 +33,6 @@ def render_decision(decision: Decision) -> dict[str, Any]:
         "winner": render_verdict(decision.winner) if decision.winner else None,
         "explanation": decision.explain(),
         "retry_after_s": decision.retry_after_s,
+        "waits_for": render_verdict(decision.waits_for) if decision.waits_for else None,
         "candidates": [render_verdict(v) for v in decision.verdicts],
     }

@@ -15,8 +15,9 @@ Rules, in order:
 4. a request for a model with no instance on its placement starts one: at once when it
    fits beside the residents; else the cheapest set of idle, unpinned residents is stopped
    to make room (rolemesh.residency); when only busy residents could make room, they are
-   drained once the request has waited its patience (never shorter than the model's load
-   time), so a device does not ping-pong between two models nor starve either;
+   drained once the request has waited its patience (never shorter than the round trip of
+   the switch: its load plus the reload of each evicted model that still has demand), so a
+   device does not ping-pong between two models nor starve either;
 5. operator loads and preloads start like requests; pinned models are started wherever
    they fit (best device first) and move back to a better device as soon as it has room;
 6. an idle instance past its TTL stops.
@@ -377,10 +378,10 @@ def _make_room_and_start(work: _Work, model_id: str, devices: tuple[str, ...], w
         work.start(model_id, devices, why, want)
         return True
     if room.waits_for_busy and waited_since is not None:
-        spec = work.view.models[model_id]
         busy = [work.live[k] for k in room.evict if k in work.live]
         held_since = max([waited_since, *(i.ready_at for i in busy)])
-        due_at = held_since + max(work.view.patience_s, spec.load_s)
+        due_at = held_since + max(work.view.patience_s,
+                                  switch_round_trip_s(work.view, model_id, busy))
         if work.now < due_at:
             work.wake(due_at)
             return False
@@ -394,6 +395,19 @@ def _make_room_and_start(work: _Work, model_id: str, devices: tuple[str, ...], w
             work.out.append(Drain(k, EVICTED_FOR + model_id))
             work.drained.add(k)
     return False
+
+
+def switch_round_trip_s(view: PlanView, model_id: str,
+                        evicted: Sequence[InstanceView]) -> float:
+    """What a switch costs the device: load the waiting model, then, for each model it
+    evicts that still has demand, load that one back. A patience shorter than this would
+    make a switch cost more than the wait it saves (a one-GPU box would thrash)."""
+    load = view.models[model_id].load_s
+    for inst in evicted:
+        spec = view.models.get(inst.model_id)
+        if spec is not None and spec.demand > 0:
+            load += spec.load_s
+    return load
 
 
 def _undrain_unwanted(work: _Work) -> None:

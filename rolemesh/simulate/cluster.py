@@ -137,7 +137,7 @@ class Pin(StrictModel):
 class AgentSettings(StrictModel):
     """The node agent's per-device rules, as in its config."""
 
-    pending_limit: int = Field(default=2, ge=1)  # max_pending_requests_per_device
+    pending_limit: int = Field(default=4, ge=1)  # max_pending_requests_per_device
     max_switch_wait_s: float = Field(default=30.0, ge=0)
     queue_timeout_s: float = Field(default=600.0, gt=0)  # request_timeout_s
 
@@ -147,6 +147,11 @@ class DispatcherSettings(StrictModel):
     default_load_s: float = Field(default=5.0, ge=0)
     busy_retry_after_s: float = Field(default=1.0, gt=0)
     memory_safety_margin: float = Field(default=0.9, gt=0, le=1)
+    # Buffering (dispatcher/config.py): requests held at the dispatcher while every
+    # candidate is busy, and for how long; 0 requests: answer 503 at once, as before.
+    max_buffered_requests: int = Field(default=512, ge=0)
+    default_service_s: float = Field(default=10.0, gt=0)  # before a request was measured
+    buffer_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class ClientSettings(StrictModel):

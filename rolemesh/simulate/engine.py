@@ -4,8 +4,11 @@ One heap of (time, sequence, callback); the sequence makes equal times run in th
 they were scheduled, so a run is a pure function of (cluster, trace, policy). A request:
 resolve its name, ask the router for a device, queue there (or, at the device's pending
 limit, try the next device as the dispatcher fails over, up to the router's attempts);
-refused everywhere, the client retries after Retry-After (`client.retries` times, as the
-openai SDK does) and then gives up: `rejected`. A request still waiting after the
+refused everywhere, a dispatcher that buffers (RoleMesh) holds it and tries again whenever
+a device finishes a request or a load (up to `max_buffered_requests` held, each for
+`buffer_timeout_s`: then `timed_out`, a 504); otherwise, or past the bound, the client
+retries after Retry-After (`client.retries` times, as the openai SDK does) and then gives
+up: `rejected`. A request still waiting after the
 agent's queue timeout is `timed_out`. Latency counts from the first attempt.
 """
 
@@ -32,6 +35,8 @@ class Request:
     session: tuple[int, int] | None = None  # (session, call index)
     tries: int = 0
     admits: int = 0  # times a device queued it (a queue timeout belongs to one of them)
+    refusals: int = 0  # times an agent refused it after queueing it
+    held_until: float | None = None  # held at the dispatcher until then
     key: Key | None = None
     model_id: str | None = None
     granted_t: float | None = None
@@ -74,6 +79,10 @@ class Simulation:
         self.world = World(cluster)
         self.requests: list[Request] = []
         self._build_devices(policy)
+        self.buffered: dict[int, Request] = {}  # held at the dispatcher, oldest first
+        self._buffer_wake = False
+        self.buffers = getattr(self.router, "buffers", False) and \
+            cluster.dispatcher.max_buffered_requests > 0
 
     # -- the clock devices schedule on ------------------------------------------------------------
 
@@ -142,13 +151,60 @@ class Simulation:
         self.at(t, lambda now: self._arrive(req, now))
 
     def _arrive(self, req: Request, now: float) -> None:
+        if not self._place(req, now):
+            return
+        dispatcher = self.cluster.dispatcher
+        if self.buffers and req.rid not in self.buffered and \
+                len(self.buffered) < dispatcher.max_buffered_requests:
+            self.buffered[req.rid] = req
+            req.held_until = until = now + dispatcher.buffer_timeout_s
+            self.at(until, lambda t: self._buffer_timeout(req, until, t))
+            return
+        if req.rid in self.buffered:
+            return  # still held: the next device event tries it again
+        if req.tries < self.cluster.client.retries:
+            req.tries += 1
+            self.at(now + self.cluster.dispatcher.busy_retry_after_s,
+                    lambda t: self._arrive(req, t))
+        else:
+            self._end(req, "rejected", now)
+
+    def _buffer_timeout(self, req: Request, until: float, now: float) -> None:
+        if req.rid in self.buffered and req.held_until == until:
+            del self.buffered[req.rid]
+            self._end(req, "timed_out", now)
+
+    def _wake_buffer(self, now: float) -> None:
+        """A device freed a slot or finished a load: try the held requests, oldest first
+        (once per instant, after the device has settled)."""
+        if not self.buffered or self._buffer_wake:
+            return
+        self._buffer_wake = True
+
+        def wake(t: float) -> None:
+            self._buffer_wake = False
+            refused: set[str] = set()  # the same name in the same state: the same answer
+            for req in list(self.buffered.values()):
+                if req.call.name in refused:
+                    continue
+                if self._place(req, t):
+                    refused.add(req.call.name)
+                else:
+                    self.buffered.pop(req.rid, None)
+        self.at(now, wake)
+
+    def _place(self, req: Request, now: float) -> bool:
+        """Route and queue `req`; True when every device refused it (busy)."""
         model_ids = [m for m in self.cluster.resolve(req.call.name)
                      if any(self.world.serves(k, m) for k in self.world.devices)]
         if not model_ids:
             self._end(req, "not_served", now)
-            return
+            return False
         excluded: list[Key] = []
         refusal = Refusal("busy")
+        self.world.held_ahead = sum(1 for r in self.buffered.values()
+                                    if r.rid != req.rid and r.first_t <= req.first_t
+                                    and r.call.name == req.call.name)
         for _ in range(self.router.max_attempts):
             route = self.router.route(self.world, model_ids, now, excluded)
             if isinstance(route, Refusal):
@@ -162,17 +218,14 @@ class Simulation:
                             now):
                 timeout = self.cluster.agent.queue_timeout_s
                 self.at(now + timeout, lambda t, d=device, a=admit: self._timeout(req, d, a, t))
-                return
+                return False
             excluded.append(route.key)
         req.key = None
         if refusal.kind != "busy":
+            self.buffered.pop(req.rid, None)
             self._end(req, refusal.kind, now)
-        elif req.tries < self.cluster.client.retries:
-            req.tries += 1
-            self.at(now + self.cluster.dispatcher.busy_retry_after_s,
-                    lambda t: self._arrive(req, t))
-        else:
-            self._end(req, "rejected", now)
+            return False
+        return True
 
     def _work_fn(self, req: Request, device: DeviceSim) -> Callable[[str], Work]:
         node_id, device_id = device.key
@@ -210,11 +263,17 @@ class Simulation:
         req.model_id = model_id
         req.key = key
         self.world.record_grant(key[0], model_id, now)
+        self.world.last_routed.setdefault(key, now)
 
     def refused(self, rid: int, key: Key, now: float) -> None:
         """The device's planner refused a waiting request: a 503, which the client retries."""
         req = self.requests[rid]
         req.key = None
+        req.refusals += 1
+        if self.buffers and req.refusals <= 3:  # a 503: the dispatcher fails over, holds it
+            self.at(now, lambda t: self._arrive(req, t))
+            self._wake_buffer(now)
+            return
         if req.tries < self.cluster.client.retries:
             req.tries += 1
             self.at(now + self.cluster.dispatcher.busy_retry_after_s,
@@ -229,9 +288,11 @@ class Simulation:
         req = self.requests[rid]
         req.done_t = now
         self._end(req, "ok", now)
+        self._wake_buffer(now)
 
     def loaded(self, key: Key, model_id: str, load_s: float) -> None:
         self.world.node_load_s[(key[0], model_id)] = load_s
+        self._wake_buffer(self.now)
 
 
 def simulate(cluster: ClusterFile, policy: str, trace: Trace, *, loads: Loads | None = None,

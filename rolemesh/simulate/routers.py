@@ -76,6 +76,7 @@ def _fitting(world: World, model_ids: Sequence[str], excluded: Collection[Key]
 
 class RoleMesh:
     preload_all = False
+    buffers = True  # the dispatcher holds a request while every candidate is busy
 
     def __init__(self, cluster: ClusterFile, *, slot_rules: bool = False) -> None:
         self.name = "rolemesh-slot" if slot_rules else "rolemesh"
@@ -93,7 +94,8 @@ class RoleMesh:
             self._planner = TodaysAgent(cluster.agent.max_switch_wait_s)
             self.agent_rules = "node_agent/slot.py (one model per device)"
         self._policy = Policy(memory_safety_margin=cluster.dispatcher.memory_safety_margin,
-                              busy_retry_after_s=cluster.dispatcher.busy_retry_after_s)
+                              busy_retry_after_s=cluster.dispatcher.busy_retry_after_s,
+                              default_service_s=cluster.dispatcher.default_service_s)
 
     def planner(self) -> DevicePlanner:
         return self._planner
@@ -101,7 +103,8 @@ class RoleMesh:
     def route(self, world: World, model_ids: Sequence[str], now: float,
               excluded: Collection[Key]) -> Route | Refusal:
         decision = choose(model_ids, device_views(world, model_ids, now, excluded,
-                                                  self.co_residency), self._policy)
+                                                  self.co_residency), self._policy,
+                          world.held_ahead)
         winner = decision.winner
         if winner is None:
             kind = {Outcome.FITS_NOWHERE: "fits_nowhere",
@@ -109,6 +112,7 @@ class RoleMesh:
             return Refusal(kind)
         key = (winner.node_id, winner.device_id)
         device = world.devices[key]
+        world.last_routed[key] = now
         if decision.action is not Action.USE_LOADED:
             device.expects = winner.model_id  # Registry.expect()
         return Route(key, winner.model_id)

@@ -46,6 +46,11 @@ class World:
     nodes: dict[str, SimNode] = field(default_factory=dict)
     served: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
     node_load_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    # What the dispatcher's registry records: when it last routed to each device (the
+    # decision spreads equal copies by it); and, for the request being routed, how many
+    # requests for the same name the dispatcher holds before it (dispatcher/buffering.py).
+    last_routed: dict[Key, float] = field(default_factory=dict)
+    held_ahead: int = 0
 
     def record_grant(self, node_id: str, model_id: str, now: float) -> None:
         self.served.setdefault((node_id, model_id), deque()).append(now)
@@ -78,6 +83,8 @@ def device_view(world: World, device: DeviceSim, now: float,
         "in_flight": device.queue, "pending": 0,
         "pending_limit": device.pending_limit or cluster.agent.pending_limit,
         "recent_requests": {m: world.recent(node_id, m, now) for m in device.memory_mb}}
+    if "last_routed" in _VIEW_FIELDS:
+        common["last_routed"] = world.last_routed.get(device.key, 0.0)
     if RESIDENTS:
         return DeviceView(**common, **_residents(device, co_residency))
     inst = next(iter(device.instances.values()), None)

@@ -8,6 +8,7 @@ checks the rules that must always hold.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -122,8 +123,10 @@ WINS: dict[str, Win] = {
         "a/gpu:1 small", USE),
     "a device with the model loaded among others wins": win(
         "small", [dev("gpu:0"), dev("gpu:1", loaded=("mid", "small"))], "a/gpu:1 small", USE),
-    "a loaded device with a queue still wins over an empty device": win(
-        "small", [dev("gpu:0"), dev("gpu:1", loaded="small", in_flight=1, pending=2, limit=4)],
+    # Its queue's wait (1 x 10 s) is below a weighted load (4 x 5 s): see
+    # test_decision_pressure.py for a queue long enough to be worth a new copy.
+    "a loaded device with a short queue still wins over an empty device": win(
+        "small", [dev("gpu:0"), dev("gpu:1", loaded="small", in_flight=1, limit=4)],
         "a/gpu:1 small", USE),
     "the loaded device with the least queue wins": win(
         "small", [dev("gpu:0", loaded="small", pending=2, limit=4),
@@ -168,8 +171,8 @@ WINS: dict[str, Win] = {
     "the best fit wins: least room left over, so big rooms stay free": win(
         "small", [dev("gpu:0", free=10_000), dev("gpu:1", free=20_000), dev("gpu:2", free=8_000)],
         "a/gpu:2 small", LOAD),
-    "a better fit beats a shorter queue": win(
-        "small", [dev("gpu:0", free=10_000, pending=1, limit=4), dev("gpu:1", free=20_000)],
+    "a better fit beats more room": win(
+        "small", [dev("gpu:0", free=10_000), dev("gpu:1", free=20_000)],
         "a/gpu:0 small", LOAD),
     "between equal fits the least queue wins": win(
         "small", [dev("gpu:0", pending=1, limit=4), dev("gpu:1")], "a/gpu:1 small", LOAD),
@@ -188,9 +191,12 @@ WINS: dict[str, Win] = {
         "a/gpu:1 small", LOAD),
     "beside an idle model a better fit beats an empty device": win(
         "small", [dev("gpu:0", loaded="mid"), dev("gpu:1")], "a/gpu:0 small", BESIDE),
-    "beside a busy model is still better than evicting an idle one": win(
+    "beside a busy model is still better than evicting an idle one in demand": win(
         "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4),
-                  dev("gpu:1", loaded="large")], "a/gpu:0 small", BESIDE),
+                  dev("gpu:1", loaded="large", recent={"large": 5})], "a/gpu:0 small", BESIDE),
+    "evicting an idle model nobody asked for beats sharing a busy device": win(
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4),
+                  dev("gpu:1", loaded="large")], "a/gpu:1 small", EVICT),
     "an empty device with too little free memory loses to loading beside elsewhere": win(
         "mid", [dev("gpu:0", free=3_000), dev("gpu:1", loaded="small")],
         "a/gpu:1 mid", BESIDE),
@@ -221,9 +227,15 @@ WINS: dict[str, Win] = {
     "without room beside, the cheapest idle instance on any device is evicted": win(
         "mid", [dev("gpu:0", loaded=("small", "large"), recent={"small": 10, "large": 1})],
         "a/gpu:0 mid", EVICT),
-    "eviction picks the model with the fewest recent requests times load time": win(
-        "small", [dev("gpu:0", loaded="mid", recent={"mid": 10}, co=False),      # 10 x 20 = 200
-                  dev("gpu:1", loaded="large", recent={"large": 3}, co=False)],  # 3 x 40 = 120
+    # Both are likely wanted within the horizon (1 - e^(-10/600 x 300) = 0.99, and 0.78):
+    # the expected reloads are 0.99 x 4 x 20 = 79 s against 0.78 x 4 x 40 = 124 s.
+    "eviction picks the cheapest expected reload, not requests times load time": win(
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 10}, co=False),
+                  dev("gpu:1", loaded="large", recent={"large": 3}, co=False)],
+        "a/gpu:0 small", EVICT),
+    "eviction spares a model wanted often for one wanted rarely": win(
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 10}, co=False),
+                  dev("gpu:1", loaded="large", recent={"large": 1}, co=False)],
         "a/gpu:1 small", EVICT),
     "eviction weighs load time, not only request counts": win(
         "small", [dev("gpu:0", loaded="mid", recent={"mid": 5}, co=False),       # 5 x 20 = 100
@@ -247,8 +259,14 @@ WINS: dict[str, Win] = {
     "a draining copy does not make a model free to lose": win(
         "small", [dev("gpu:0", loaded="mid", recent={"mid": 100}, co=False),
                   dev("gpu:1", loaded="large", recent={"large": 1}, co=False),
-                  dev("gpu:2", loaded="mid", state=S.DRAINING, free=0, co=False)],
+                  dev("gpu:2", loaded="mid", state=S.DRAINING, free=0, in_flight=7, limit=8,
+                      co=False)],
         "a/gpu:1 small", EVICT),
+    "the room a leaving model gives back is cheapest when nothing waits there": win(
+        "small", [dev("gpu:0", loaded="mid", recent={"mid": 100}, co=False),
+                  dev("gpu:1", loaded="large", recent={"large": 1}, co=False),
+                  dev("gpu:2", loaded="mid", state=S.DRAINING, free=0, co=False)],
+        "a/gpu:2 small", SWITCH),
     "between equally cheap evictions the best fit wins": win(
         "small", [dev("gpu:0", loaded="mid", total=16_000, co=False),
                   dev("gpu:1", loaded="mid", co=False)],
@@ -256,9 +274,16 @@ WINS: dict[str, Win] = {
     "between identical evictions the lowest device id wins": win(
         "small", [dev("gpu:1", loaded="mid", co=False), dev("gpu:0", loaded="mid", co=False)],
         "a/gpu:0 small", EVICT),
-    "a busy model is never evicted while an idle one can be, however costly": win(
+    # The switch waits for mid's one request (10 s), loads small (20 s) and may reload mid
+    # (0.39 x 80 s); the eviction's reload of large, wanted 1,000 times, is 160 s.
+    "waiting for a busy model beats evicting an idle one in heavy demand": win(
         "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4, co=False),
                   dev("gpu:1", loaded="large", recent={"large": 1_000}, co=False)],
+        "a/gpu:0 small", SWITCH),
+    "evicting an idle model beats waiting when the idle one is rarely wanted": win(
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4, recent={"mid": 50},
+                      co=False),
+                  dev("gpu:1", loaded="large", recent={"large": 1}, co=False)],
         "a/gpu:1 small", EVICT),
     "a busy neighbour is left alone while an idle one beside it is evicted": win(
         "large", [dev("gpu:0", total=30_000, loaded=("small", "mid"), busy={"small": 1},
@@ -272,9 +297,15 @@ WINS: dict[str, Win] = {
     "a starting model with no queue is still loading: the switch waits for it": win(
         "small", [dev("gpu:0", loaded="mid", state=S.STARTING, co=False)],
         "a/gpu:0 small", SWITCH),
-    "with every device busy the request queues on the one with the least queue": win(
+    # gpu:0: 20 s queue + 20 s load + 0.39 x 80 s reload of mid = 71 s; gpu:1: 10 + 20 +
+    # 0.39 x 160 s reload of large = 93 s. The queue alone would pick gpu:1.
+    "with every device busy the switch goes where queue + load + reload cost least": win(
         "small", [dev("gpu:0", loaded="mid", in_flight=1, pending=1, limit=4, co=False),
                   dev("gpu:1", loaded="large", in_flight=1, limit=4, co=False)],
+        "a/gpu:0 small", SWITCH),
+    "with equally costly switches the request queues on the one with the least queue": win(
+        "small", [dev("gpu:0", loaded="mid", in_flight=1, pending=1, limit=4, co=False),
+                  dev("gpu:1", loaded="mid", in_flight=1, limit=4, co=False)],
         "a/gpu:1 small", SWITCH),
     "with equal queues the switch goes where the loaded model is cheaper to lose": win(
         "small", [dev("gpu:0", loaded="mid", in_flight=1, limit=4, recent={"mid": 10}, co=False),
@@ -306,9 +337,9 @@ WINS: dict[str, Win] = {
         ("large", "small"), [dev("gpu:0", total=12_000)], "a/gpu:0 small", LOAD),
     "a role's models on one empty device: the smaller loads, leaving more for others": win(
         ("small", "mid"), [dev("gpu:0")], "a/gpu:0 small", LOAD),
-    "a role's bigger model goes where only it fits best, before the smaller elsewhere": win(
+    "a role's model that loads sooner wins between empty devices": win(
         ("small", "mid"), [dev("gpu:0", serves=["mid"], free=10_000),
-                           dev("gpu:1", serves=["small"])], "a/gpu:0 mid", LOAD),
+                           dev("gpu:1", serves=["small"])], "a/gpu:1 small", LOAD),
     "a role spans nodes that serve different models of it: the best fit wins": win(
         ("small", "mid"), [dev("gpu:0", serves=["small"], free=6_000),
                            dev("gpu:0", node="b", serves=["mid"], free=20_000)],
@@ -447,10 +478,14 @@ def test_a_verdict_carries_the_numbers_it_was_judged_on() -> None:
                  limit=5, recent={"large": 7})
     (v,) = choose(["small"], [device]).verdicts
     # Room left: min(24,000 x 0.9 - 20,000 charged, 3,000 reported free) = 1,600 MB.
+    # Expected: 3 queued x 10 s + 4 x 5 s load + large's reload, 4 x 40 s times the chance
+    # it is wanted within 300 s (1 - e^(-7/600 x 300) = 0.97).
+    regret = (1 - math.exp(-7 / 600 * 300)) * 4 * 40
     assert v == Verdict(node_id="n", device_id="gpu:3", model_id="small",
                         reason=Reason.SWITCH_AFTER_QUEUE, chosen=True, queue=3,
                         memory_need_mb=4_000, memory_total_mb=24_000, memory_free_mb=1_600,
-                        eviction_cost=280.0, evicts=("large",))
+                        eviction_cost=280.0, evicts=("large",), expected_s=50.0 + regret,
+                        wait_s=30.0, load_s=20.0, regret_s=regret)
 
 
 def test_a_verdict_beside_busy_residents_says_so() -> None:
@@ -691,8 +726,9 @@ def test_invariants_hold_over_random_clusters() -> None:
         by_key = {d.key: d for d in devices}
         chosen = [v for v in decision.verdicts if v.chosen]
         assert len(decision.verdicts) == sum(m in d.servable for d in devices for m in wanted)
-        assert (decision.outcome == Outcome.ROUTED) == any(
-            v.reason in ELIGIBLE for v in decision.verdicts)
+        # Routed when a candidate can take it, unless waiting for a busy copy costs less.
+        assert (decision.outcome == Outcome.ROUTED) == (any(
+            v.reason in ELIGIBLE for v in decision.verdicts) and decision.waits_for is None)
         if decision.winner is None:
             assert chosen == []
             continue
@@ -706,20 +742,18 @@ def test_invariants_hold_over_random_clusters() -> None:
         assert device.held is None or w.model_id in device.held
         assert fits_device(device.servable[w.model_id], device, policy)
         residents = {r.model_id: r for r in device.residents}
-        if any(eligible_holder(d, wanted, policy) for d in devices):
-            assert decision.action == Action.USE_LOADED
+        if any(eligible_holder(d, wanted, policy) and d.queue == 0 for d in devices):
+            assert decision.action == Action.USE_LOADED  # an idle copy costs nothing
             assert residents[w.model_id].holds
+        # The cost model: nothing that could serve it is expected to serve it sooner.
+        assert all(w.expected_s is not None and w.expected_s <= v.expected_s + 1e-6
+                   for v in decision.verdicts if v.expected_s is not None)
         if decision.action in (Action.EVICT, Action.LOAD_BESIDE, Action.LOAD_ON_EMPTY):
             # Nothing busy or pinned is stopped under its users.
             assert all(not residents[m].busy and residents[m].state is not S.STARTING
                        and not residents[m].pinned for m in w.evicts)
         if decision.action == Action.EVICT:
             assert w.evicts
-            assert not any(v.reason in (Reason.FITS_EMPTY_DEVICE, Reason.FITS_BESIDE)
-                           for v in decision.verdicts)
-        if decision.action == Action.SWITCH_AFTER_QUEUE:
-            assert not any(v.reason in {Reason.FITS_EMPTY_DEVICE, Reason.FITS_BESIDE,
-                                        Reason.EVICT_IDLE_MODEL} for v in decision.verdicts)
         assert all(not residents[m].pinned for m in w.evicts)
         shuffled = rng.sample(devices, len(devices))
         assert where(choose(list(reversed(wanted)), shuffled, policy)) == where(decision)

@@ -96,10 +96,16 @@ def test_past_the_patience_bound_the_busy_resident_drains_then_stops_when_idle()
     assert plan(drained, 32.0) == [Stop("chat@gpu:0", StopReason.EVICTED_FOR, "coder")]
 
 
-def test_patience_is_never_shorter_than_the_waiting_models_load_time():
+def test_patience_is_never_shorter_than_the_round_trip_of_the_switch():
+    # Load coder (100 s), then chat back (2 s, it still has demand): 102 s, not coder's 100.
     models = {**MODELS, "coder": ModelSpec("coder", 18_000, load_s=100.0)}
     v = view(instances=[inst("chat", in_flight=1)], waiters=[wait(1, "coder", at=0.0)],
              gpus=[24_000], patience_s=30.0, models=models)
+    assert plan(v, 50.0) == [WakeAt(102.0)]
+    # A model nobody asked for lately costs no reload: the bound is coder's load alone.
+    idle_chat = {**models, "chat": ModelSpec("chat", 5_000, load_s=2.0, demand=0)}
+    v = view(instances=[inst("chat", in_flight=1)], waiters=[wait(1, "coder", at=0.0)],
+             gpus=[24_000], patience_s=30.0, models=idle_chat)
     assert plan(v, 50.0) == [WakeAt(100.0)]
 
 

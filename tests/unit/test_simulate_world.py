@@ -28,12 +28,17 @@ MODEL = """
 
 
 def cluster(parallel: int = 1, devices: int = 1, mem: int = 10000, retries: int = 0,
-            pending_limit: int = 2, switch_wait_s: float = 30.0):
+            pending_limit: int = 2, switch_wait_s: float = 30.0, buffered: int = 0,
+            buffer_timeout_s: float = 300.0):
+    # buffered: the dispatcher's max_buffered_requests (0 here: a 503 at once, so the
+    # hand-computed retries below stay simple; the cluster file's default buffers).
     models = MODEL.format(id="a", role="ra", mem=mem, parallel=parallel) + \
         MODEL.format(id="b", role="rb", mem=mem, parallel=parallel)
     devs = ", ".join(f'{{device_id: "gpu:{i}", memory_mb: 12000}}' for i in range(devices))
     text = (f"client: {{retries: {retries}}}\n"
             f"agent: {{pending_limit: {pending_limit}, max_switch_wait_s: {switch_wait_s}}}\n"
+            f"dispatcher: {{max_buffered_requests: {buffered}, "
+            f"buffer_timeout_s: {buffer_timeout_s}}}\n"
             f"models:{models}nodes:\n  - node_id: n\n    devices: [{devs}]\n")
     return load_cluster(text)
 
@@ -105,6 +110,22 @@ def test_a_rejected_request_retries_after_retry_after_and_counts_from_its_first_
     third = run.requests[2]
     assert (third.outcome, third.tries) == ("ok", 16)
     assert third.latency_s == pytest.approx(28.0)
+
+
+def test_beyond_the_pending_limit_the_dispatcher_holds_a_request_until_a_device_frees():
+    # The third is held at the dispatcher (no 503, no retry) and placed when the first
+    # finishes at 16 s; it runs after the second: done at 28 s, as with the retries above.
+    run = simulate(cluster(buffered=512), "rolemesh",
+                   trace((0.0, "ra"), (0.0, "ra"), (0.0, "ra")))
+    third = run.requests[2]
+    assert (third.outcome, third.tries) == ("ok", 0)
+    assert third.latency_s == pytest.approx(28.0)
+
+
+def test_a_request_held_past_the_buffer_timeout_times_out_and_one_past_the_count_is_rejected():
+    run = simulate(cluster(buffered=1, buffer_timeout_s=5.0), "rolemesh",
+                   trace((0.0, "ra"), (0.0, "ra"), (0.0, "ra"), (0.0, "ra")))
+    assert [r.outcome for r in run.requests] == ["ok", "ok", "timed_out", "rejected"]
 
 
 def test_the_patience_bound_forces_a_switch_away_from_a_busy_model():
