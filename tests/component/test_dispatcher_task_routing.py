@@ -151,6 +151,17 @@ async def test_a_long_prompt_reaches_the_large_model_or_a_fallback_with_room(tmp
         assert "1024 tokens" in err.value.message
 
 
+async def test_a_busy_role_does_not_fall_back_to_a_model_too_small_for_the_prompt(tmp_path):
+    big, small = tiers()
+    table = {**TABLE, "content_rules": [], "fallbacks": {"builder": ["assistant"]}}
+    async with cluster(tmp_path, table, agents=(big, small), max_attempts=1) as (
+            _, client, _, _):
+        small.knobs.busy = True  # the builder's device (and the assistant's) are busy
+        with pytest.raises(openai.InternalServerError):
+            await chat(client, "builder", "word " * 2000)  # 2,500 tokens: not the 1k assistant
+        assert [s.body["model"] for s in small.seen] == ["coder-14b"]
+
+
 async def test_a_role_that_fits_nowhere_falls_back(tmp_path):
     small = FakeAgent("small", [FakeDevice("gpu:0", memory_total_mb=24000)], [
         FakeModel("qwen-72b", ["architect"], memory_need_mb=40000),
