@@ -54,8 +54,10 @@ reading the table: one row per trace and policy; with several seeds each cell is
   p50/p95/p99 s: latency from the first attempt to the last token of answered requests;
   TTFT: to the first token; rejected: a 503 after the client's retries; timed out: still
   queued after the agent's queue timeout. Rejected and timed-out requests are not in the
-  percentiles: read them together. The second table gives RoleMesh's figures as ratios
-  against the operator map and the floor (below 1x: RoleMesh is better).
+  percentiles: read them together, or read "p95 all s", the p95 over every request with
+  the unanswered ones as never answered (inf when over 5 %). The second table gives
+  RoleMesh's figures as ratios against the operator map and the floor (below 1x: RoleMesh
+  is better).
 
 examples:
   rolemesh simulate --cluster configs/simulate/three-gpus.yaml --trace all --seeds 1 2 3
