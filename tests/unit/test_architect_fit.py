@@ -153,7 +153,7 @@ def test_an_architect_tier_node_config_is_judged_by_its_allow_disk_paging(
     text = f"""
 backend: cuda
 models:
-  - model_id: architect
+  - model_id: minimax-m2-q4_k
     path: {architect}
     roles: [architect]
     ctx_size: 32768
