@@ -58,8 +58,7 @@ def test_the_cluster_token_comes_from_a_private_file(tmp_path, monkeypatch):
     assert "s3cret" not in str(dispatcher.public_dump())
 
 
-def test_a_token_file_others_can_read_is_refused_and_named(tmp_path, monkeypatch):
-    monkeypatch.delenv("ROLEMESH_ALLOW_SHARED_TOKEN_FILE", raising=False)
+def test_a_token_file_others_can_read_is_refused_and_named(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     os.chmod(token, 0o644)
