@@ -396,3 +396,14 @@ def test_a_missing_projector_is_a_problem_named_by_its_key(tmp_path: Path) -> No
     assert config.projector_problems() == [
         "models.1.mmproj (b): missing-mmproj.gguf does not exist or is not a file"]
     assert config.models[0].mmproj == present
+
+
+def test_a_relative_projector_is_read_from_the_config_files_folder_like_the_model(
+        tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    config_file = tmp_path / "node.yaml"
+    config_file.write_text("models:\n  - model_id: v\n    path: models/v.gguf\n"
+                           "    mmproj: models/mmproj-v.gguf\n")
+    model = load_config_file(config_file, NodeAgentConfig).models[0]
+    assert model.path == tmp_path.resolve() / "models/v.gguf"
+    assert model.mmproj == tmp_path.resolve() / "models/mmproj-v.gguf"
