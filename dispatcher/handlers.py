@@ -115,8 +115,12 @@ async def get_node(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    catalog = request.app[DISPATCHER_KEY].router.catalog(up_only=True)
-    return json_response(model_list(catalog).model_dump(mode="json", exclude_none=True))
+    d = request.app[DISPATCHER_KEY]
+    catalog = d.router.catalog(up_only=True)
+    routing = d.forwarder.routing
+    task_types = routing.store.table.task_types if routing is not None else None
+    return json_response(model_list(catalog, task_types).model_dump(mode="json",
+                                                                   exclude_none=True))
 
 
 async def route(request: web.Request) -> web.Response:
