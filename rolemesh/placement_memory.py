@@ -228,7 +228,9 @@ def estimate_need(model: PlacementConfig, facts: GGUFFacts,
         notes.append("the GGUF lacks the figures for its KV cache: counted as 0")
 
     host_key = "cpu" if cpu_only else HOST
-    holders = {d for d in devices if weights.get(d) or kv.get(d)}
+    # The main GPU reserves a compute buffer even with no layers: llama.cpp offloads the big
+    # matrix products of a prompt batch to it (--op-offload, on by default).
+    holders = {devices[0]} | {d for d in devices if weights.get(d) or kv.get(d)}
     host_heavy = cpu_only or any(d == HOST for d in layer_dev[:n_layer]) or (
         weights.get(HOST, 0) > _input_bytes(facts))
     per_device: dict[str, MemoryPart] = {}
