@@ -44,7 +44,6 @@ from rolemesh.projector_memory import projector_bytes
 HOST = "host"
 # llama.cpp's LLM_FFN_EXPS_REGEX in this build (common/common.h), and its per-block form.
 FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-QUANTIZED_CACHE_TYPES = frozenset({"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"})
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 _DEVICE_BUFFER = re.compile(r"^(CUDA|ROCm|Vulkan|SYCL|Metal|MUSA|CANN|OpenCL)(\d*)$")
 
