@@ -22,6 +22,7 @@ from tests.fakes.fake_agent import (
     running_agents,
     running_dispatcher,
 )
+from tests.waiting import wait_until
 
 TOKEN = "tok-routing"
 ADMIN = "adm-routing"
@@ -311,3 +312,22 @@ async def test_models_lists_the_task_types_a_request_may_name(tmp_path):
         assert listed["infra"].model_extra["role"] == "operator"
         assert listed["infra"].model_extra["models"] == ["qwen-3b"]
         assert listed["builder"].model_extra["kind"] == "role"
+
+
+async def test_turns_arriving_together_share_one_classifier_question(tmp_path):
+    big, small = tiers()
+    small.devices["gpu:0"].pending_limit = 8  # the three turns fit at once
+    clf = FakeAgent("clf", [FakeDevice("gpu:0", pending_limit=8)],
+                    [FakeModel("tiny-1b", ["classifier"])])
+    table = {**TABLE, "content_rules": [],
+             "classifier": {"role": "classifier", "timeout_s": 60}}
+    async with cluster(tmp_path, table, agents=(big, small, clf)) as (_, client, _, _):
+        clf.knobs.answer_text = "infra"
+        clf.knobs.hold = asyncio.Event()
+        turns = [asyncio.create_task(chat(client, "auto", "rotate the certificates"))
+                 for _ in range(3)]
+        await wait_until(lambda: len(clf.seen) >= 1, timeout_s=10, what="a question")
+        clf.knobs.hold.set()
+        answers = await asyncio.gather(*turns)
+        assert [answered_by(a) for _, a in answers] == ["qwen-3b"] * 3
+        assert len(clf.seen) == 1
