@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from rolemesh.config_loading import ConfigError
-from rolemesh.simulate.cluster import ClusterFile, load_cluster_file
+from rolemesh.simulate.cluster import ClusterFile, Loads, load_cluster_file
 from rolemesh.simulate.engine import simulate
 from rolemesh.simulate.report import Summary, json_lines, markdown_table, ratio_table, summarize
 from rolemesh.simulate.routers import POLICIES, RoleMesh
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"rolemesh simulate: {exc}", file=sys.stderr)
         return 2
-    kinds = ["warm", "cold"] if args.loads == "both" else [args.loads or cluster.loads]
+    kinds: list[Loads] = (["warm", "cold"] if args.loads == "both"
+                          else [args.loads or cluster.loads])
     summaries: list[Summary] = []
     for kind in kinds:
         for seed, trace in traces:

@@ -11,6 +11,7 @@ agent's queue timeout is `timed_out`. Latency counts from the first attempt.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections.abc import Callable
@@ -121,7 +122,7 @@ class Simulation:
                     self.router.pending_limit, self, self)
                 device = world.devices[key]
                 device.margin = margin
-                device.demand = lambda m, now, n=node.node_id: world.recent(n, m, now)
+                device.demand = functools.partial(world.recent, node.node_id)
                 if floor:
                     for m in served:
                         if fits(models[m].need_mb, spec.memory_mb, margin):
@@ -161,7 +162,7 @@ class Simulation:
             if device.admit(Waiter(req.rid, route.model_id, now, self._work_fn(req, device)),
                             now):
                 timeout = self.cluster.agent.queue_timeout_s
-                self.at(now + timeout, lambda t, d=device, a=admit: self._timeout(req, d, a, t))
+                self.at(now + timeout, functools.partial(self._timeout, req, device, admit))
                 return
             excluded.append(route.key)
         req.key = None

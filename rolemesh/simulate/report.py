@@ -98,8 +98,7 @@ _HEADERS = ("loads", "load GPU-s", "p50 s", "p95 s", "p99 s", "TTFT p50", "TTFT 
 
 def _fmt(values: list[float | None], missing: float | None = None) -> str:
     """One figure, or `median (min-max)` over seeds; `missing` stands for a None."""
-    present = [v if v is not None else missing for v in values]
-    present = [v for v in present if v is not None]
+    present = [v for v in (missing if v is None else v for v in values) if v is not None]
     if not present:
         return "-"
     if len(present) == 1:
