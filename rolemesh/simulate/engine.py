@@ -101,32 +101,27 @@ class Simulation:
     def _build_devices(self, policy: str) -> None:
         cluster = self.cluster
         world = self.world
-        for node in cluster.nodes:
-            world.nodes[node.node_id] = node
-            for spec in node.devices:
-                key = (node.node_id, spec.device_id)
-                world.devices[key] = None  # type: ignore[assignment]  # filled below
         self.router: Router = make_router(policy, world, self.trace)
         margin = cluster.dispatcher.memory_safety_margin
         models = cluster.model_by_id
+        floor = self.router.preload_all  # every model resident, memory no object
         for node in cluster.nodes:
+            world.nodes[node.node_id] = node
             served = cluster.serves(node)
             for spec in node.devices:
                 key = (node.node_id, spec.device_id)
-                floor = self.router.preload_all
-                world.devices[key] = DeviceSim(
+                device = world.devices[key] = DeviceSim(
                     key, spec.memory_mb,
                     float("inf") if floor else usable_mb(spec.memory_mb, margin), spec.speed,
                     self.router.planner(), {m: models[m].need_mb for m in served},
                     {m: models[m].parallel for m in served}, self._load_time,
                     self.router.pending_limit, self, self)
-                device = world.devices[key]
                 device.margin = margin
                 device.demand = functools.partial(world.recent, node.node_id)
                 if floor:
                     for m in served:
                         if fits(models[m].need_mb, spec.memory_mb, margin):
-                            world.devices[key].preload(m, pinned=True)
+                            device.preload(m, pinned=True)
         for pin in cluster.pins:
             device = world.devices[(pin.node, pin.device)]
             if not device.holds(pin.model):
