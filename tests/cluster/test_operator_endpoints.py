@@ -124,6 +124,27 @@ def test_metrics_on_both_services_count_requests_and_show_devices(cluster):
     assert get_text(agent.url + "/metrics", token=None)[0] == 401  # the agent's token guards it
 
 
+def done_lines(log: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in log.splitlines():
+        if '"request.done"' in line:
+            lines.append(json.loads(line))
+    return lines
+
+
+def test_request_done_log_lines_name_the_model_node_and_device_on_both_hops(cluster):
+    cluster.client(api_key="sk-1").chat.completions.create(
+        model="chat", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    wait_until_sync(lambda: bool(done_lines(cluster.dispatcher.log())), what="request.done")
+    line = done_lines(cluster.dispatcher.log())[0]
+    assert (line["model"], line["model_id"], line["node"], line["device"], line["status"]) \
+        == ("chat", "letters", "node-a", "cpu", 200)
+    agent_line = done_lines(cluster.agents["node-a"].log())[0]
+    assert (agent_line["node_id"], agent_line["device"], agent_line["model"]) == \
+        ("node-a", "cpu", "letters")
+    assert agent_line["request_id"] == line["request_id"]
+
+
 def test_llama_server_output_is_readable_from_the_agent_and_through_the_dispatcher(cluster):
     client = cluster.client(api_key="sk-1")
     client.chat.completions.create(model="chat", max_tokens=2,
