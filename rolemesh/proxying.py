@@ -117,8 +117,28 @@ async def read_whole(upstream: aiohttp.ClientResponse) -> bytes:
 
 def buffered_response(upstream: aiohttp.ClientResponse, body: bytes,
                       extra_headers: Mapping[str, str]) -> web.Response:
-    return web.Response(body=body, status=upstream.status,
-                        headers=_copy_headers(upstream, extra_headers))
+    status = upstream.status
+    out = _copy_headers(upstream, extra_headers)
+    if status == NOT_IMPLEMENTED:
+        status, body = 400, not_supported_body(body)
+        out["Content-Type"] = "application/json"
+    return web.Response(body=body, status=status, headers=out)
+
+
+NOT_IMPLEMENTED = 501
+
+
+def not_supported_body(body: bytes) -> bytes:
+    """llama-server's 501 ("does not support embeddings") as the 400 it is for a client.
+
+    A retry cannot fix it (the model does not do that), so it is not a server error.
+    """
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode(errors="replace")[:300] or "not supported by this model"
+    return json.dumps({"error": {"message": str(message), "type": "invalid_request_error",
+                                 "code": "not_supported"}}).encode()
 
 
 async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,

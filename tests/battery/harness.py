@@ -45,6 +45,7 @@ class BatteryCluster:
     proxies: dict[str, FaultProxy]
     records: dict[str, Path]
     workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_KEY}"}
@@ -108,8 +109,13 @@ def fake_models(model_id: str, path: Path, roles: list[str], record: Path,
 @contextlib.contextmanager
 def start_battery(tmp_path: Path, llama_bin: Path, specs: list[AgentSpec],
                   dispatcher_extra: dict[str, Any] | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[BatteryCluster]:
-    dconf = {"listen_port": free_port(), "cluster_token": TOKEN, "api_keys": [API_KEY],
+                  env: dict[str, str] | None = None,
+                  token_from_env: bool = False) -> Iterator[BatteryCluster]:
+    """token_from_env: the cluster token is in ROLEMESH_CLUSTER_TOKEN, not in the configs."""
+    token = {} if token_from_env else {"cluster_token": TOKEN}
+    if token_from_env:
+        env = {**(env or {}), "ROLEMESH_CLUSTER_TOKEN": TOKEN}
+    dconf = {"listen_port": free_port(), **token, "api_keys": [API_KEY],
              "heartbeat_interval_s": HEARTBEAT_S, "node_timeout_s": 2.0,
              "node_forget_s": 120.0, **(dispatcher_extra or {})}
     with contextlib.ExitStack() as stack:
@@ -123,7 +129,7 @@ def start_battery(tmp_path: Path, llama_bin: Path, specs: list[AgentSpec],
             records[spec.node_id] = tmp_path / f"{spec.node_id}-spawns.jsonl"
             aconf: dict[str, Any] = {
                 "node_id": spec.node_id, "listen_port": port, "backend": "cpu",
-                "dispatcher_base_url": dispatcher.url, "cluster_token": TOKEN,
+                "dispatcher_base_url": dispatcher.url, **token,
                 "heartbeat_interval_s": HEARTBEAT_S, "llama_server_bin": str(llama_bin),
                 "llama_server_probe_interval_s": 0.05, "llama_server_stop_grace_s": 2.0,
                 "max_pending_requests_per_device": 32,
@@ -138,7 +144,8 @@ def start_battery(tmp_path: Path, llama_bin: Path, specs: list[AgentSpec],
             configs[spec.node_id] = aconf
             agents[spec.node_id] = stack.enter_context(
                 start_service("node_agent", aconf, tmp_path, env))
-        cluster = BatteryCluster(dispatcher, dconf, agents, configs, proxies, records, tmp_path)
+        cluster = BatteryCluster(dispatcher, dconf, agents, configs, proxies, records, tmp_path,
+                                 env or {})
         cluster.wait_nodes_up()
         try:
             yield cluster

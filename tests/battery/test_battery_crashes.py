@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from tests.battery.harness import (
+    TOKEN,
     AgentSpec,
     chat,
     fake_models,
@@ -83,11 +84,10 @@ async def test_300_streams_while_llama_servers_are_killed_every_2_s_lose_nothing
             assert failovers >= 1
             # Afterwards: one request per node brings every device back to ready.
             for node_id, agent in cluster.agents.items():
-                async with s.post(agent.url + "/v1/chat/completions", json=chat(
-                        "chat", stream=False), headers={"Authorization": "Bearer "
-                                                        + cluster.agent_configs[node_id]
-                                                        ["cluster_token"]}) as resp:
-                    assert resp.status in (200, 502)
+                async with s.post(agent.url + "/v1/chat/completions",
+                                  json=chat("chat", stream=False),
+                                  headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                    assert resp.status in (200, 502), node_id
             await wait_until(lambda: all(cluster.inventory(n)["devices"][0].get(
                 "slot_state", "ready") == "ready" for n in cluster.agents),
                 timeout_s=20, what="every device ready")
@@ -152,14 +152,14 @@ async def test_a_crash_loop_backs_off_counts_restarts_and_answers_503_fast(
         url, headers = cluster.dispatcher.url, cluster.headers()
         async with aiohttp.ClientSession() as s:
             first = [await one_stream(s, url, chat("chat"), headers, hang_s=30)
-                     for _ in range(3)]
+                     for _ in range(2)]
             assert all(r.status == 503 for r in first)
             spawned = len(cluster.spawns("node-a"))
             more = [await one_stream(s, url, chat("chat"), headers, hang_s=30)
-                    for _ in range(5)]
+                    for _ in range(3)]
             assert all(r.status == 503 for r in more)
             # Backing off: not one start per request.
-            assert len(cluster.spawns("node-a")) - spawned < 5
+            assert len(cluster.spawns("node-a")) - spawned < 3
         instances = [i for d in cluster.inventory("node-a")["devices"]
                      for i in d.get("instances", [])]
         assert instances
