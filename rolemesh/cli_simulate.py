@@ -19,7 +19,7 @@ decision and today's node-agent rules, and with baselines in the same world: no
 processes, no GPUs, a few seconds per run."""
 
 EPILOG = """\
-the cluster file (YAML; configs/simulate/three-gpus.yaml is a full example):
+the cluster file (YAML; examples/simulate/three-gpus.yaml is a full example):
   models:                          # node-agent model fields, or this shorthand
     - model_id: coder-7b
       roles: [coder]
@@ -60,7 +60,7 @@ reading the table: one row per trace and policy; with several seeds each cell is
   is better).
 
 examples:
-  rolemesh simulate --cluster configs/simulate/three-gpus.yaml --trace all --seeds 1 2 3
+  rolemesh simulate --cluster examples/simulate/three-gpus.yaml --trace all --seeds 1 2 3
   rolemesh simulate --cluster my.yaml --access-log /var/log/rolemesh/access.jsonl \\
       --policy rolemesh,llama-swap,floor --loads cold --jsonl results.jsonl"""
 
