@@ -129,7 +129,8 @@ const RM = (() => {
   const mb = (v) => v === null || v === undefined ? "?"
     : v >= 1024 ? (v / 1024).toFixed(1) + " GB" : v + " MB";
   const secs = (v) => v === null || v === undefined ? "–"
-    : v < 1 ? Math.round(v * 1000) + " ms" : v.toFixed(v < 10 ? 2 : 1) + " s";
+    : v < 1 ? Math.round(v * 1000) + " ms" : v < 120 ? v.toFixed(v < 10 ? 2 : 1) + " s"
+      : v < 7200 ? Math.round(v / 60) + " min" : Math.round(v / 3600) + " h";
   const ago = (at) => {
     const s = Math.max(0, Date.now() / 1000 - at);
     return s < 60 ? Math.round(s) + " s ago" : s < 3600 ? Math.round(s / 60) + " min ago"
