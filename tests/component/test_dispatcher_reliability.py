@@ -145,6 +145,9 @@ async def test_a_device_failing_three_times_in_a_row_is_cooled_unless_it_is_the_
         assert set(cooling) <= {"node-a/gpu:0", "node-b/gpu:0"}
         assert cooling  # at least one is cooling
         assert metric(d, "rolemesh_dispatcher_cooldowns_total") >= 1
+        for path in ("/v1/nodes", "/v1/route?model=planner"):  # operators see them
+            async with s.get(d.url + path) as resp:
+                assert set((await resp.json())["avoiding"]["cooldowns"]) == set(cooling)
         # Both cooled or not, requests still go somewhere: a cool-down never leaves none.
         a.knobs.die_after_chunks = b.knobs.die_after_chunks = None
         status, _ = await post(s, d.url, chat("planner"))
