@@ -40,9 +40,15 @@ const RM = (() => {
     try {
       resp = await fetch(path, init);
     } catch (err) {
+      if (method !== "GET") {
+        document.body.dataset.actions = String(Number(document.body.dataset.actions || 0) + 1);
+      }
       return { ok: false, status: 0, error: `${method} ${path}: ${err}` };
     }
     const text = await resp.text();
+    if (method !== "GET") {  // a count of finished actions: tests (and people) can wait on it
+      document.body.dataset.actions = String(Number(document.body.dataset.actions || 0) + 1);
+    }
     let data = null;
     try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
     const out = { ok: resp.ok, status: resp.status, data, headers: resp.headers };

@@ -4,15 +4,21 @@ llama-server's own output through the agent and the dispatcher, and the dashboar
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cluster.harness import TOKEN, model_entry, start_cluster
 from tests.waiting import wait_until_sync
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def get_text(url: str, token: str | None = TOKEN) -> tuple[int, str, dict[str, str]]:
@@ -27,31 +33,30 @@ def get_text(url: str, token: str | None = TOKEN) -> tuple[int, str, dict[str, s
 
 
 class EventReader:
-    """Reads GET /v1/events in a thread, as `rolemesh watch` would."""
+    """`rolemesh watch --json` in a subprocess: GET /v1/events as the CLI reads it."""
 
     def __init__(self, url: str, token: str | None) -> None:
-        req = urllib.request.Request(url + "/v1/events")
+        env = {**os.environ, "ROLEMESH_URL": url}
+        env.pop("ROLEMESH_API_KEY", None)
         if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        self.resp = urllib.request.urlopen(req, timeout=30)
+            env["ROLEMESH_API_KEY"] = token
+        self.proc = subprocess.Popen([sys.executable, "-m", "rolemesh.cli", "watch", "--json"],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         self.events: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
-        try:
-            for raw in self.resp:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("data:"):
-                    self.events.append(json.loads(line[5:]))
-        except (OSError, ValueError, AttributeError):  # closed by the test
-            return
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.append(json.loads(line))
 
     def of_type(self, type_: str) -> list[dict[str, Any]]:
         return [e for e in list(self.events) if e["type"] == type_]
 
     def close(self) -> None:
-        self.resp.close()
+        self.proc.kill()
+        self.proc.wait()
 
 
 @pytest.fixture
@@ -182,3 +187,17 @@ def test_the_dashboard_pages_are_served_without_a_key_and_the_api_still_wants_on
         assert status == 200, path
         assert marker in body
     assert get_text(url + "/v1/nodes", token=None)[0] == 401
+
+
+def test_a_node_that_stops_shows_as_a_node_down_event(cluster):
+    reader = EventReader(cluster.dispatcher.url, "sk-1")
+    try:
+        wait_until_sync(lambda: bool(reader.of_type("snapshot")), what="the snapshot")
+        cluster.agents["node-a"].stop()
+        wait_until_sync(lambda: bool(reader.of_type("node.down")), timeout_s=15,
+                        what="node.down")
+        down = reader.of_type("node.down")[0]
+        assert down["node_id"] == "node-a"
+        assert down["why"] == "missed heartbeats"
+    finally:
+        reader.close()
