@@ -1,0 +1,29 @@
+"""The real llama-server's answers carry `timings`, and the agent's metrics read them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from node_agent.metrics import parse_timings
+from tests.cluster.harness import model_entry, start_cluster
+
+pytestmark = pytest.mark.real
+MSG = [{"role": "user", "content": "hello"}]
+
+
+def test_real_answers_and_streams_carry_timings_that_parse(tmp_path, tiny_models,
+                                                           llama_server_bin):
+    agents = {"host-a": [model_entry("letters", tiny_models["letters"], ["chat"],
+                                     ctx_size=256, threads=1)]}
+    with start_cluster(tmp_path, llama_server_bin, agents,
+                       agent_extra={"llama_server_startup_timeout_s": 60}) as cluster:
+        raw = cluster.client().chat.completions.with_raw_response.create(
+            model="chat", messages=MSG, max_tokens=6)
+        found = parse_timings(raw.content)
+        assert found is not None, json.loads(raw.content).keys()
+        prompt_ms, tps = found
+        assert prompt_ms is not None
+        assert tps is not None
+        assert tps > 0
