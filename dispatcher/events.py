@@ -18,7 +18,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,7 +267,7 @@ class EventHub:
                 "last_id": self.recent[-1].id if self.recent else 0}
 
     @contextlib.contextmanager
-    def subscribe(self) -> Any:
+    def subscribe(self) -> Iterator[Subscription]:
         sub = Subscription(self._queue_limit)
         self._subs.add(sub)
         try:
