@@ -107,3 +107,7 @@ async def test_1000_plain_and_200_streamed_requests_leave_no_files_or_memory_beh
                             "rss_growth_mb": {k: round(v, 1) for k, v in growth_mb.items()}}
         print("battery leaks:", FIGURES["leaks"])
         assert all(v < 30 for v in growth_mb.values()), growth_mb
+        for service in (c.dispatcher, c.agents["node-a"]):  # the 40 that left: said so
+            log = service.log()
+            assert not TRACEBACK.search(log), log[-3000:]
+            assert 500 not in [d["status"] for d in done_lines(log)]
