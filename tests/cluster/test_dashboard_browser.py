@@ -175,6 +175,13 @@ def test_the_logs_button_shows_llama_servers_output(cluster, browser_page):
                            ".length > 20")
     text = page.inner_text("[data-testid=log]")
     assert "listening" in text or "model loaded" in text, text
+    before = text.count("POST /v1/chat/completions")
+
+    cluster.client(api_key=KEY).chat.completions.create(  # its access line follows live
+        model="chat", max_tokens=2, messages=[{"role": "user", "content": "again"}])
+    page.wait_for_function(
+        "n => document.querySelector('[data-testid=log]').innerText"
+        ".split('POST /v1/chat/completions').length - 1 > n", arg=before)
 
 
 def xfail_if_missing(page: Any, what: str) -> None:
