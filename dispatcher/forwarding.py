@@ -30,6 +30,7 @@ from yarl import URL
 from dispatcher.access_log import NO_ACCESS_LOG, AccessLog, NoAccessLog
 from dispatcher.cooldown import Avoidance, CooldownPolicy
 from dispatcher.events import EventHub
+from dispatcher.liveness import LivenessWatch
 from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
 from dispatcher.registry import Key, NodeRecord, Registry
 from dispatcher.request_routing import (
@@ -137,6 +138,7 @@ class Forwarder:
             total=None, sock_connect=connect_timeout_s,
             sock_read=None if first_byte_timeout_s else request_timeout_s)
         self.avoidance = Avoidance(cooldown or CooldownPolicy())
+        self._probe_timeout_s = connect_timeout_s
         self._clock = clock
         metrics.known_failover_reasons(FAILOVER_REASONS)
         # The client's Authorization never travels on: agents get the cluster token.
@@ -273,7 +275,7 @@ class Forwarder:
             url = self._urls.get((node.url, request.path))
             if url is None:
                 url = self._urls[(node.url, request.path)] = URL(node.url + request.path)
-            upstream = await self._open(http, url, payload, out, key, stream)
+            upstream = await self._open(http, url, payload, out, key, stream, node.url)
             if isinstance(upstream, Retry):
                 return upstream
             state = observed_state(upstream.headers, key)
@@ -305,14 +307,23 @@ class Forwarder:
                 registry.end(key)
 
     async def _open(self, http: aiohttp.ClientSession, url: URL, payload: bytes,
-                    out: dict[str, str], key: Key, stream: bool
+                    out: dict[str, str], key: Key, stream: bool, node_url: str = ""
                     ) -> aiohttp.ClientResponse | Retry:
-        """Send the request and wait for the agent's response headers (the first byte)."""
+        """Send the request and wait for the agent's response headers (the first byte).
+
+        A stream's headers must come within first_byte_timeout_s. A non-streamed answer's
+        come with the whole answer: after first_byte_timeout_s the agent's /health is asked
+        instead (LivenessWatch), and only an agent that does not answer it is given up on.
+        """
         where = f"{key[0]}/{key[1]}"
-        bound = self.first_byte_timeout_s if stream else None
-        waited = asyncio.timeout(bound)
+        bound = self.first_byte_timeout_s
+        waited = asyncio.timeout(bound if stream else None)
+        watch: LivenessWatch | None = None
         try:
             async with waited:
+                if bound and not stream and node_url:
+                    watch = LivenessWatch(http, node_url + "/health", bound,
+                                          self._probe_timeout_s, waited)
                 return await http.post(url, data=payload, headers=out,
                                        timeout=self._stream_timeout if stream else self._timeout)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
@@ -327,11 +338,16 @@ class Forwarder:
             self._failed(key)
             self.avoidance.suspect(key[0], self._clock())
             self.metrics.suspects.inc()
-            return Retry("first_byte_timeout", f"{where}: no answer within {bound:g} s")
+            why = (f"no answer within {bound:g} s" if stream else
+                   f"no answer, and /health unanswered, after {bound:g} s")
+            return Retry("first_byte_timeout", f"{where}: {why}")
         except (aiohttp.ClientError, OSError) as exc:
             self._failed(key)
             return Retry("connection_lost",
                          f"{where}: connection lost before the answer: {exc!r}")
+        finally:
+            if watch is not None:
+                watch.close()
 
     def _retry_for(self, upstream: aiohttp.ClientResponse, data: bytes, key: Key
                    ) -> Retry | None:

@@ -34,9 +34,13 @@ def specs(tiny, tmp_path, proxied: str | None = None) -> list[AgentSpec]:
     return out
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "non-streamed"])
 async def test_a_frozen_host_is_failed_over_after_the_first_byte_bound_then_avoided(
-        tmp_path, tiny_models, fake_llama_server_bin):
-    extra = {"first_byte_timeout_s": BOUND_S, "node_timeout_s": 60.0}
+        tmp_path, tiny_models, fake_llama_server_bin, stream):
+    # Non-streamed: after the bound the dispatcher asks /health, which a frozen host does
+    # not answer within connect_timeout_s either.
+    extra = {"first_byte_timeout_s": BOUND_S, "node_timeout_s": 60.0,
+             "connect_timeout_s": 1.0}
     with start_battery(tmp_path, fake_llama_server_bin, specs(tiny_models, tmp_path),
                        dispatcher_extra=extra) as cluster:
         url, headers = cluster.dispatcher.url, cluster.headers()
@@ -46,13 +50,16 @@ async def test_a_frozen_host_is_failed_over_after_the_first_byte_bound_then_avoi
             loaded = next(n for n in ("node-a", "node-b") if cluster.spawns(n))
             os.kill(cluster.agents[loaded].proc.pid, signal.SIGSTOP)
             try:
-                frozen = asyncio.create_task(one_stream(s, url, chat("chat"), headers))
+                frozen = asyncio.create_task(one_stream(s, url, chat("chat", stream=stream),
+                                                        headers))
                 other = asyncio.create_task(one_stream(s, url, chat("math"), headers))
                 first, _ = await asyncio.wait({frozen, other},
                                               return_when=asyncio.FIRST_COMPLETED)
                 assert other in first  # another role is not held up by the frozen host
                 assert other.result().kind() == "done"
-                assert (await frozen).kind() == "done"  # failed over after the bound
+                answer = await frozen  # failed over after the bound
+                assert answer.status == 200
+                assert answer.kind() == "done" if stream else b'"choices"' in answer.events[0]
                 more = [await one_stream(s, url, chat("chat"), headers) for _ in range(5)]
                 assert [r.kind() for r in more] == ["done"] * 5
                 metrics = cluster.metrics()
