@@ -35,10 +35,10 @@ def auth_middleware(token: str | None) -> Callable[[web.Request, Handler],
                                                   Awaitable[web.StreamResponse]]:
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.path not in OPEN_PATHS:
-            if not token_matches(request, token):
-                raise Unauthorized("this node agent needs 'Authorization: Bearer "
-                                   "<cluster_token>'")
+        if token is not None and request.path not in OPEN_PATHS and \
+                not token_matches(request, token):
+            raise Unauthorized("this node agent needs 'Authorization: Bearer "
+                               "<cluster_token>'")
         return await handler(request)
     return check_token
 
