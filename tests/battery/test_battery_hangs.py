@@ -99,3 +99,21 @@ async def test_a_proxy_that_black_holes_drops_or_resets_fails_requests_over(
         # Six at once spread over both loaded devices: node-b's share failed over.
         assert cluster.metric_sum("rolemesh_dispatcher_failovers_total") >= 1
         assert proxy.accepted >= 1
+
+
+async def test_a_slow_network_under_the_bound_is_not_taken_for_a_dead_host(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    extra = {"first_byte_timeout_s": BOUND_S, "node_timeout_s": 60.0}
+    with start_battery(tmp_path, fake_llama_server_bin,
+                       specs(tiny_models, tmp_path, proxied="node-b")[1:2],
+                       dispatcher_extra=extra) as cluster:
+        proxy = cluster.proxies["node-b"]
+        proxy.set("delay", delay_s=0.2)  # each chunk each way, well under the bound
+        async with aiohttp.ClientSession() as s:
+            results = await asyncio.gather(*(one_stream(s, cluster.dispatcher.url,
+                                                        chat("chat"), cluster.headers())
+                                             for _ in range(3)))
+        assert [r.kind() for r in results] == ["done"] * 3
+        assert proxy.accepted >= 1
+        assert cluster.metric_sum("rolemesh_dispatcher_failovers_total") == 0
+        assert cluster.metrics()["rolemesh_dispatcher_suspects_total"] == 0
