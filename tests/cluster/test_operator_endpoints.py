@@ -124,6 +124,10 @@ def test_metrics_on_both_services_count_requests_and_show_devices(cluster):
     status, text, _ = get_text(agent.url + "/metrics")
     assert status == 200, text
     assert 'rolemesh_agent_in_flight{device="cpu"} 0.0' in text
+    assert ('rolemesh_agent_requests_total{endpoint="/v1/chat/completions",model="letters",'
+            'outcome="ok",role="-"} 1.0') in text
+    assert ('rolemesh_agent_request_duration_seconds_count{endpoint="/v1/chat/completions",'
+            'model="letters"} 1.0') in text
     assert 'rolemesh_agent_queue_depth{device="cpu"} 0.0' in text
     assert 'rolemesh_agent_device_memory_total_mb{device="cpu",node="node-a"}' in text
     assert get_text(agent.url + "/metrics", token=None)[0] == 401  # the agent's token guards it

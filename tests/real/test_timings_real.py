@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 
 from node_agent.metrics import parse_timings
-from tests.cluster.harness import model_entry, start_cluster
+from tests.cluster.harness import TOKEN, model_entry, start_cluster
 
 pytestmark = pytest.mark.real
 MSG = [{"role": "user", "content": "hello"}]
@@ -27,3 +28,10 @@ def test_real_answers_and_streams_carry_timings_that_parse(tmp_path, tiny_models
         assert prompt_ms is not None
         assert tps is not None
         assert tps > 0
+        agent = cluster.agents["host-a"]
+        request = urllib.request.Request(agent.url + "/metrics",
+                                         headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            text = resp.read().decode()
+        assert 'rolemesh_agent_tokens_per_second_count{model="letters"} 1.0' in text
+        assert 'rolemesh_agent_llama_prompt_seconds_count{model="letters"} 1.0' in text
