@@ -100,6 +100,30 @@ class BatteryCluster:
         return "\n".join(s.log() for s in [self.dispatcher, *self.agents.values()])
 
 
+# -- reading a device, inventory schema v1 (one slot) or v2 (a set of instances) ---------
+
+
+def device_waiting(device: dict[str, Any]) -> int:
+    """Queued requests on a device (v1 `pending`, v2 each instance's `queued`)."""
+    return int(device.get("pending", 0)) + sum(int(i.get("queued", 0))
+                                               for i in device.get("instances", []))
+
+
+def device_load(device: dict[str, Any]) -> int:
+    """Requests in flight plus queued on a device."""
+    return (int(device.get("in_flight", 0)) + device_waiting(device)
+            + sum(int(i.get("in_flight", 0)) for i in device.get("instances", [])))
+
+
+def device_ready(device: dict[str, Any], model_id: str | None = None) -> bool:
+    """v1: the slot is ready (with model_id loaded); v2: an instance of it is ready."""
+    if "instances" in device:
+        return any(i.get("state") == "ready" and model_id in (None, i.get("model_id"))
+                   for i in device["instances"])
+    return device.get("slot_state") == "ready" and model_id in (None,
+                                                                 device.get("loaded_model"))
+
+
 def fake_models(model_id: str, path: Path, roles: list[str], record: Path,
                 **server_args: Any) -> dict[str, Any]:
     return {"model_id": model_id, "path": str(path), "roles": roles,

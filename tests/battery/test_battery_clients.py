@@ -13,6 +13,8 @@ from tests.battery.harness import (
     TRACEBACK,
     AgentSpec,
     chat,
+    device_load,
+    device_waiting,
     fake_models,
     one_stream,
     start_battery,
@@ -49,14 +51,14 @@ async def test_clients_leaving_mid_stream_or_while_queued_free_their_places_quie
                                                        headers, cancel_after_events=2))
             queued = asyncio.create_task(one_stream(s, url, chat("chat", max_tokens=200),
                                                     headers))
-            await wait_until(lambda: c.inventory("node-a")["devices"][0].get("pending", 0)
+            await wait_until(lambda: device_waiting(c.inventory("node-a")["devices"][0])
                              >= 1, what="one queued behind the stream")
             queued.cancel()  # the client gives up while it waits for its place
             assert (await streaming).cancelled
 
             def free() -> bool:
                 device = c.inventory("node-a")["devices"][0]
-                return (device["in_flight"] == 0 and device.get("pending", 0) == 0
+                return (device_load(device) == 0
                         and c.nodes()["node-a"]["devices"][0]["dispatcher_in_flight"] == 0)
             await wait_until(free, timeout_s=20, what="both places given back")
             assert (await one_stream(s, url, chat("chat", max_tokens=2), headers)).kind() \

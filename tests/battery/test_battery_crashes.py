@@ -16,6 +16,8 @@ from tests.battery.harness import (
     TOKEN,
     AgentSpec,
     chat,
+    device_load,
+    device_ready,
     fake_models,
     one_stream,
     start_battery,
@@ -88,9 +90,9 @@ async def test_300_streams_while_llama_servers_are_killed_every_2_s_lose_nothing
                                   json=chat("chat", stream=False),
                                   headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
                     assert resp.status in (200, 502), node_id
-            await wait_until(lambda: all(cluster.inventory(n)["devices"][0].get(
-                "slot_state", "ready") == "ready" for n in cluster.agents),
-                timeout_s=20, what="every device ready")
+            await wait_until(lambda: all(device_ready(cluster.inventory(n)["devices"][0])
+                                         for n in cluster.agents),
+                             timeout_s=20, what="every device ready")
             await wait_until(lambda: len(cluster.live_llama_servers()) == len(cluster.agents),
                              timeout_s=20, what="one llama-server per device")
             await wait_until(lambda: dispatcher.num_fds() <= fds_before + 2, timeout_s=40,
@@ -112,8 +114,7 @@ async def test_a_stream_that_stalls_ends_with_upstream_timeout_and_frees_the_dev
             def free() -> bool:
                 device = cluster.inventory("node-a")["devices"][0]
                 node = cluster.nodes()["node-a"]["devices"][0]
-                return (device["in_flight"] == 0 and device.get("pending", 0) == 0
-                        and node["dispatcher_in_flight"] == 0)
+                return device_load(device) == 0 and node["dispatcher_in_flight"] == 0
             await wait_until(free, timeout_s=20, what="the device's place given back")
             again = await one_stream(s, cluster.dispatcher.url, chat("chat"),
                                      cluster.headers(), hang_s=30)

@@ -14,6 +14,7 @@ from tests.battery.harness import (
     TOKEN,
     AgentSpec,
     chat,
+    device_ready,
     fake_models,
     one_stream,
     start_battery,
@@ -87,9 +88,7 @@ async def test_a_proxy_that_black_holes_drops_or_resets_fails_requests_over(
                                         {"Authorization": f"Bearer {TOKEN}"})
                 assert warm.kind() == "done"
             await wait_until(lambda: all(
-                cluster.nodes()[n]["devices"][0]["status"].get("loaded_model") == "letters"
-                or any(i.get("model_id") == "letters" for i in
-                       cluster.nodes()[n]["devices"][0]["status"].get("instances", []))
+                device_ready(cluster.nodes()[n]["devices"][0]["status"], "letters")
                 for n in ("node-a", "node-b")), what="both loaded, as the dispatcher sees")
             proxy.set(mode)
             results = await asyncio.gather(*(one_stream(s, url, chat("chat"), headers)
