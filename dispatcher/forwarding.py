@@ -61,6 +61,9 @@ log = structlog.get_logger("dispatcher.forwarding")
 
 __all__ = ["OPENAI_PATHS", "Forwarder"]
 FAILOVER_CODES = frozenset({"device_busy", "model_not_ready"})
+# Streams an agent ends on purpose (a model switch took the place, it is draining): broken
+# for the client, but no sign that the device is failing, so no cool-down.
+NOT_DEVICE_FAULTS = frozenset({"model_switch", "draining", "shutdown", "evicted"})
 # Why an attempt failed over (the `reason` label of the failover counter).
 FAILOVER_REASONS = ("device_busy", "model_not_ready", "connect_failed", "connection_lost",
                     "upstream_failed", "first_byte_timeout")
@@ -380,9 +383,11 @@ class Forwarder:
         elif relayed.end is StreamEnd.CLIENT_GONE:
             outcome = RequestOutcome.CLIENT_GONE
         else:  # broken, stalled, or ended by the agent with an error event
-            log.warning("request.stream_broken", end=relayed.end.value, error=relayed.error)
+            log.warning("request.stream_broken", end=relayed.end.value, error=relayed.error,
+                        code=relayed.code)
             outcome = RequestOutcome.STREAM_BROKEN
-            self._failed(key)
+            if relayed.code not in NOT_DEVICE_FAULTS:
+                self._failed(key)
         trace.outcome = outcome
         self.metrics.request(label, outcome)
         return relayed.response

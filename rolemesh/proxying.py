@@ -55,6 +55,7 @@ class Relayed:
     response: web.StreamResponse
     end: StreamEnd
     error: str | None = None  # why it broke, for the log
+    code: str | None = None  # the error event's code: ours, or the upstream's own
 
 
 def sse_error_event(message: str, code: str = "upstream_failed",
@@ -69,6 +70,16 @@ def ends_with_error_event(tail: bytes) -> bool:
     if not last.startswith(b"data:"):
         return False
     return last[len(b"data:"):].lstrip().startswith(b'{"error"')
+
+
+def error_event_code(tail: bytes) -> str | None:
+    """The `code` of the last SSE event in `tail` when it is an error event."""
+    last = tail.rstrip().rsplit(b"\n\n", 1)[-1].strip()
+    try:
+        code = json.loads(last[len(b"data:"):])["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _copy_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
@@ -153,22 +164,25 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
                                   headers=_copy_headers(upstream, extra_headers))
     end = StreamEnd.CLIENT_GONE
     error: str | None = "the client went away"
+    code: str | None = None
     try:
         try:
             await response.prepare(request)
             end, error, tail = await _pump(upstream, response, idle_timeout_s)
             if end is StreamEnd.TIMEOUT:
+                code = "upstream_timeout"
                 await response.write(sse_error_event(f"{error}; the stream was ended",
-                                                     code="upstream_timeout"))
+                                                     code=code))
             elif end is StreamEnd.BROKEN:
+                code = "upstream_failed"
                 await response.write(sse_error_event(error or "the upstream failed"))
             elif ends_with_error_event(tail):
-                end = StreamEnd.ERROR_EVENT
+                end, code = StreamEnd.ERROR_EVENT, error_event_code(tail)
             await response.write_eof()
         except ConnectionError:  # only writes to the client raise it out of _pump
             end, error = StreamEnd.CLIENT_GONE, "the client went away"
             request[CLIENT_GONE_KEY] = True
-        return Relayed(response, end, error)
+        return Relayed(response, end, error, code)
     finally:
         # A cleanly finished upstream goes back to the keep-alive pool; any other ending
         # closes it so the upstream notices and stops generating.
