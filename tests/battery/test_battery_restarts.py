@@ -10,6 +10,7 @@ import signal
 
 import aiohttp
 import psutil
+import pytest
 
 from tests.battery.harness import (
     HEARTBEAT_S,
@@ -99,3 +100,38 @@ async def test_sigterm_lets_an_open_stream_finish_refuses_new_requests_and_exits
             result = await long
         assert result.kind() == "done"
         assert await asyncio.to_thread(c.dispatcher.proc.wait, 30) == 0
+
+
+async def test_sigterm_to_an_agent_lets_its_open_stream_finish_and_stops_its_children(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    with start_battery(tmp_path, fake_llama_server_bin,
+                       specs(tiny_models, tmp_path, **{"--fake-tokens-per-s": 20})[:1]) as c:
+        url, headers = c.dispatcher.url, c.headers()
+        async with aiohttp.ClientSession() as s:
+            assert (await one_stream(s, url, chat("chat", max_tokens=2), headers)).kind() \
+                == "done"
+            children = c.live_llama_servers()
+            assert children
+            long = asyncio.create_task(one_stream(s, url, chat("chat", max_tokens=30),
+                                                  headers))
+            await wait_until(lambda: c.nodes()["node-a"]["devices"][0]
+                             ["dispatcher_in_flight"] == 1, what="the stream is open")
+            agent = c.agents["node-a"]
+            agent.proc.send_signal(signal.SIGTERM)
+            result = await long
+        assert result.kind() == "done"
+        assert await asyncio.to_thread(agent.proc.wait, 30) == 0
+        assert c.live_llama_servers() == []
+
+
+@pytest.mark.xfail(reason="needs the new agent core: the agent deregisters on SIGTERM",
+                   strict=False)
+async def test_an_agent_stopped_with_sigterm_is_gone_from_the_dispatcher_at_once(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    with start_battery(tmp_path, fake_llama_server_bin, specs(tiny_models, tmp_path)[:1],
+                       dispatcher_extra={"node_timeout_s": 120.0}) as c:
+        c.agents["node-a"].proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(c.agents["node-a"].proc.wait, 30) == 0
+        # With a 120 s node timeout only a deregistration explains a node no longer up.
+        node = c.nodes().get("node-a")
+        assert node is None or node["state"] != "up"
