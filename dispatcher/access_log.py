@@ -120,7 +120,6 @@ class AccessLog:
     def __init__(self, config: AccessLogConfig,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.path = config.path.expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(
             self.path, maxBytes=config.max_bytes, backupCount=config.backups,
             encoding="utf-8", delay=True)
@@ -131,6 +130,14 @@ class AccessLog:
         self._started = False
 
     def start(self) -> None:
+        """Open the file (a clear start-up error if it cannot be written), start the writer."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise OSError(f"access_log.path: cannot write {self.path}: "
+                          f"{exc.strerror or exc}") from exc
         self._listener.start()
         self._started = True
 

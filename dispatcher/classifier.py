@@ -55,6 +55,9 @@ class Classifier:
     def __init__(self, call: Call) -> None:
         self._call = call
         self._cache: OrderedDict[str, str] = OrderedDict()
+        # One question per prefix at a time: the turns of a conversation that arrive
+        # together wait for the same answer instead of each asking the small model.
+        self._asking: dict[str, asyncio.Future[TaskTypeFound | None]] = {}
 
     @staticmethod
     def prefix_key(f: RequestFeatures) -> str:
@@ -65,14 +68,38 @@ class Classifier:
         return h.hexdigest()
 
     async def classify(self, f: RequestFeatures, table: RoutingTable) -> TaskTypeFound | None:
-        settings = table.classifier
-        if settings is None:
+        if table.classifier is None:
             return None
         key = self.prefix_key(f)
         cached = self._cache.get(key)
         if cached is not None and cached in table.task_types:
             self._cache.move_to_end(key)
             return TaskTypeFound(cached, TaskTypeSource.CLASSIFIER, "cached")
+        while (asking := self._asking.get(key)) is not None:
+            try:
+                return await asyncio.shield(asking)
+            except asyncio.CancelledError:
+                if not asking.cancelled():
+                    raise  # this request was cancelled
+                # the request that asked went away: ask again, for this one
+        future: asyncio.Future[TaskTypeFound | None] = \
+            asyncio.get_running_loop().create_future()
+        self._asking[key] = future
+        try:
+            found = await self._ask(f, table, key)
+        except BaseException:
+            future.cancel()  # waiters ask again themselves
+            raise
+        else:
+            future.set_result(found)
+            return found
+        finally:
+            del self._asking[key]
+
+    async def _ask(self, f: RequestFeatures, table: RoutingTable, key: str
+                   ) -> TaskTypeFound | None:
+        settings = table.classifier
+        assert settings is not None  # checked by classify()
         types = list(table.task_types)
         body = {"messages": classifier_prompt(f, types, settings.max_prompt_chars),
                 "max_tokens": 8, "temperature": 0, "stream": False}

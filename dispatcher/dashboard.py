@@ -8,6 +8,7 @@ holds the cluster token; the page never sees it).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +31,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/nodes/{node_id}/logs", node_logs)
 
 
-def page(name: str):  # type: ignore[no-untyped-def]
+def page(name: str) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
     path = STATIC / name
 
     async def serve(_request: web.Request) -> web.FileResponse:

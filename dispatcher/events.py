@@ -18,7 +18,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +122,8 @@ def diff_devices(node_id: str, old: NodeMemory | None, devices: Iterable[Any],
 
     Pure: reports in, (type, data) pairs out. A stop is named by the node's own record when
     it sends one (v2 `recent_stops`); a v1 node does not say why, so a model replaced by
-    another on its device reads as `evicted_for` that one, and one that left a failed
-    device as `crash`.
+    another on its device reads as `evicted_for` that one, one that left a failed device as
+    `crash`, else `unload`; a v2 stop without a record is `unknown`.
     """
     now_instances = instances_of(devices)
     stops = list(recent_stops or ())
@@ -159,7 +159,7 @@ def diff_devices(node_id: str, old: NodeMemory | None, devices: Iterable[Any],
             reason, detail = str(_value(_get(record, "reason"))), _get(record, "detail")
             fresh_stops.remove(record)
         else:
-            reason, detail = _v1_reason(prev, now_instances, devices)
+            reason, detail = _reason_unsaid(prev, now_instances, devices)
         out.append(("instance.state", {**base, "old": prev.state, "new": "empty"}))
         out.append(("model.stopped", {**base, "reason": reason, "detail": detail}))
         explained.add(key)
@@ -176,8 +176,13 @@ def diff_devices(node_id: str, old: NodeMemory | None, devices: Iterable[Any],
     return NodeMemory(now_instances, stop_keys, True), out
 
 
-def _v1_reason(prev: InstanceView, now: Mapping[tuple[tuple[str, ...], str], InstanceView],
-               devices: Iterable[Any]) -> tuple[str, str | None]:
+def _reason_unsaid(prev: InstanceView, now: Mapping[tuple[tuple[str, ...], str], InstanceView],
+                   devices: Iterable[Any]) -> tuple[str, str | None]:
+    """Why an instance left when its node did not say (v1 never does)."""
+    devices = list(devices)
+    if any(_get(d, "instances") is not None for d in devices):
+        # A v2 node names every stop in recent_stops; this one was not (yet) named.
+        return "unknown", "the node's report named no reason"
     successor = next((i.model_id for (group, _), i in now.items()
                       if set(group) & set(prev.devices)), None)
     if successor is not None:
@@ -267,7 +272,7 @@ class EventHub:
                 "last_id": self.recent[-1].id if self.recent else 0}
 
     @contextlib.contextmanager
-    def subscribe(self) -> Any:
+    def subscribe(self) -> Iterator[Subscription]:
         sub = Subscription(self._queue_limit)
         self._subs.add(sub)
         try:

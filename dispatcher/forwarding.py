@@ -28,8 +28,10 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from dispatcher.access_log import NO_ACCESS_LOG, AccessLog, NoAccessLog
+from dispatcher.buffering import Buffer
 from dispatcher.cooldown import Avoidance, CooldownPolicy
 from dispatcher.events import EventHub
+from dispatcher.liveness import LivenessWatch
 from dispatcher.metrics import UNKNOWN_MODEL, Metrics, RequestOutcome
 from dispatcher.registry import Key, NodeRecord, Registry
 from dispatcher.request_routing import (
@@ -49,6 +51,7 @@ from rolemesh.errors import (
     GatewayTimeout,
     ModelNotReady,
     NoNodeAvailable,
+    QueueTimeout,
     RoleMeshError,
     UpstreamFailed,
 )
@@ -60,6 +63,9 @@ log = structlog.get_logger("dispatcher.forwarding")
 
 __all__ = ["OPENAI_PATHS", "Forwarder"]
 FAILOVER_CODES = frozenset({"node_draining", "device_busy", "model_not_ready"})
+# Streams an agent ends on purpose (a model switch took the place, it is draining): broken
+# for the client, but no sign that the device is failing, so no cool-down.
+NOT_DEVICE_FAULTS = frozenset({"model_switch", "draining", "shutdown", "evicted"})
 # Why an attempt failed over (the `reason` label of the failover counter).
 FAILOVER_REASONS = ("device_busy", "model_not_ready", "connect_failed", "connection_lost",
                     "upstream_failed", "first_byte_timeout")
@@ -127,6 +133,7 @@ class Forwarder:
         self.events: EventHub | None = None  # set by build_app: request.done events
         self.access_log: AccessLog | NoAccessLog = NO_ACCESS_LOG  # build_app sets a real one
         self.routing: RequestRouting | None = None  # set by build_app: the routing table
+        self.buffer = Buffer(0, 1.0)  # build_app sets the configured one (0: off)
         # sock_read bounds the wait for each read (a whole stream may take longer).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                               sock_read=request_timeout_s)
@@ -138,6 +145,7 @@ class Forwarder:
             total=None, sock_connect=connect_timeout_s,
             sock_read=None if first_byte_timeout_s else request_timeout_s)
         self.avoidance = Avoidance(cooldown or CooldownPolicy())
+        self._probe_timeout_s = connect_timeout_s
         self._clock = clock
         metrics.known_failover_reasons(FAILOVER_REASONS)
         # The client's Authorization never travels on: agents get the cluster token.
@@ -204,12 +212,42 @@ class Forwarder:
 
     async def _forward(self, request: web.Request, body: bytes, head: OpenAIRequestHead,
                        resolution: Resolution, label: str) -> web.StreamResponse:
+        """Forward, or when every candidate is busy hold the request (dispatcher/buffering.py)
+        and decide again at each change, until placed, the buffer is full (503) or its time
+        is up (504). A client that leaves cancels this task, which lets go of its place."""
+        buffer = self.buffer
+        ticket = None
+        try:
+            while True:
+                try:
+                    return await self._forward_once(
+                        request, body, head, resolution, label,
+                        buffer.ahead(resolution.name, ticket) if buffer.enabled else 0)
+                except (DeviceBusy, ModelNotReady) as busy:
+                    if not buffer.enabled:
+                        raise
+                    if ticket is None:
+                        ticket = buffer.admit(resolution.name)
+                        if ticket is None:
+                            raise  # full: the 503 with Retry-After, at once
+                        log.info("request.held", held=len(buffer), why=busy.code)
+                    if not await buffer.wait(ticket):
+                        raise QueueTimeout(
+                            f"{resolution.name!r} waited {buffer.timeout_s:g} s at the "
+                            f"dispatcher and no device could take it: {busy.message}") from busy
+        finally:
+            if ticket is not None:
+                buffer.release(ticket)
+
+    async def _forward_once(self, request: web.Request, body: bytes, head: OpenAIRequestHead,
+                            resolution: Resolution, label: str, held_ahead: int = 0
+                            ) -> web.StreamResponse:
         stream = head.stream
         base = {**self._base_headers, headers.REQUEST_ID: request_id_of(request)}
         excluded: list[Key] = []
         retries: list[Retry] = []
         for _ in range(self.max_attempts):
-            decision = self._decide(resolution, excluded)
+            decision = self._decide(resolution, excluded, held_ahead)
             self.metrics.decision(decision)
             winner = decision.winner
             if winner is None:
@@ -241,14 +279,15 @@ class Forwarder:
                      reason=result.reason, note=result.note)
         raise self._exhausted(resolution.name, retries)
 
-    def _decide(self, resolution: Resolution, excluded: list[Key]) -> Decision:
+    def _decide(self, resolution: Resolution, excluded: list[Key],
+                held_ahead: int = 0) -> Decision:
         """The decision without cooled or suspect devices, or with them if none is left."""
         avoided = self.avoidance.avoided(self._clock(), self._node_info)
         if avoided:
-            decision = self.router.decide(resolution, [*excluded, *avoided])
+            decision = self.router.decide(resolution, [*excluded, *avoided], held_ahead)
             if decision.winner is not None:
                 return decision
-        return self.router.decide(resolution, excluded)
+        return self.router.decide(resolution, excluded, held_ahead)
 
     def _node_info(self, node_id: str) -> tuple[float, tuple[str, ...]] | None:
         node = self.registry.node(node_id)
@@ -281,7 +320,7 @@ class Forwarder:
             url = self._urls.get((node.url, request.path))
             if url is None:
                 url = self._urls[(node.url, request.path)] = URL(node.url + request.path)
-            upstream = await self._open(http, url, payload, out, key, stream)
+            upstream = await self._open(http, url, payload, out, key, stream, node.url)
             if isinstance(upstream, Retry):
                 return upstream
             state = observed_state(upstream.headers, key)
@@ -313,14 +352,23 @@ class Forwarder:
                 registry.end(key, model_id)
 
     async def _open(self, http: aiohttp.ClientSession, url: URL, payload: bytes,
-                    out: dict[str, str], key: Key, stream: bool
+                    out: dict[str, str], key: Key, stream: bool, node_url: str = ""
                     ) -> aiohttp.ClientResponse | Retry:
-        """Send the request and wait for the agent's response headers (the first byte)."""
+        """Send the request and wait for the agent's response headers (the first byte).
+
+        A stream's headers must come within first_byte_timeout_s. A non-streamed answer's
+        come with the whole answer: after first_byte_timeout_s the agent's /health is asked
+        instead (LivenessWatch), and only an agent that does not answer it is given up on.
+        """
         where = f"{key[0]}/{key[1]}"
-        bound = self.first_byte_timeout_s if stream else None
-        waited = asyncio.timeout(bound)
+        bound = self.first_byte_timeout_s
+        waited = asyncio.timeout(bound if stream else None)
+        watch: LivenessWatch | None = None
         try:
             async with waited:
+                if bound and not stream and node_url:
+                    watch = LivenessWatch(http, node_url + "/health", bound,
+                                          self._probe_timeout_s, waited)
                 return await http.post(url, data=payload, headers=out,
                                        timeout=self._stream_timeout if stream else self._timeout)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
@@ -335,11 +383,16 @@ class Forwarder:
             self._failed(key)
             self.avoidance.suspect(key[0], self._clock())
             self.metrics.suspects.inc()
-            return Retry("first_byte_timeout", f"{where}: no answer within {bound:g} s")
+            why = (f"no answer within {bound:g} s" if stream else
+                   f"no answer, and /health unanswered, after {bound:g} s")
+            return Retry("first_byte_timeout", f"{where}: {why}")
         except (aiohttp.ClientError, OSError) as exc:
             self._failed(key)
             return Retry("connection_lost",
                          f"{where}: connection lost before the answer: {exc!r}")
+        finally:
+            if watch is not None:
+                watch.close()
 
     def _retry_for(self, upstream: aiohttp.ClientResponse, data: bytes, key: Key
                    ) -> Retry | None:
@@ -372,9 +425,11 @@ class Forwarder:
         elif relayed.end is StreamEnd.CLIENT_GONE:
             outcome = RequestOutcome.CLIENT_GONE
         else:  # broken, stalled, or ended by the agent with an error event
-            log.warning("request.stream_broken", end=relayed.end.value, error=relayed.error)
+            log.warning("request.stream_broken", end=relayed.end.value, error=relayed.error,
+                        code=relayed.code)
             outcome = RequestOutcome.STREAM_BROKEN
-            self._failed(key)
+            if relayed.code not in NOT_DEVICE_FAULTS:
+                self._failed(key)
         trace.outcome = outcome
         self.metrics.request(label, outcome)
         return relayed.response

@@ -120,8 +120,11 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    snapshot = request.app[DISPATCHER_KEY].registry.snapshot()
-    return json_response(cluster_nodes(snapshot).model_dump(mode="json"))
+    d = request.app[DISPATCHER_KEY]
+    snapshot = d.registry.snapshot()
+    # "avoiding": devices cooling down after failures and suspect nodes (docs/reliability.md)
+    return json_response({**cluster_nodes(snapshot).model_dump(mode="json"),
+                          "avoiding": d.forwarder.avoiding()})
 
 
 async def get_node(request: web.Request) -> web.Response:
@@ -150,10 +153,12 @@ async def route(request: web.Request) -> web.Response:
         raise BadRequest("name a model, role or alias: /v1/route?model=NAME (and optionally "
                          "task_type, role, latency, images, tools, prompt_tokens, text)")
     routing = d.forwarder.routing
+    avoiding = d.forwarder.avoiding()  # the forwarder leaves these out while others remain
     if routing is None:
-        return json_response(d.router.explain(name))
+        return json_response({**d.router.explain(name), "avoiding": avoiding})
     chosen = await routing.explain(features_from_query(request.query))
-    return json_response({**d.router.explain(chosen["target"]), "routing": chosen})
+    return json_response({**d.router.explain(chosen["target"]), "routing": chosen,
+                          "avoiding": avoiding})
 
 
 async def openai_request(request: web.Request) -> web.StreamResponse:

@@ -117,6 +117,7 @@ class Metrics:
         self.registry.register(_ClusterCollector(registry))
         # Labelled children, looked up once: labels() validates and locks on every call.
         self._request_children: dict[tuple[str, str], Any] = {}
+        self._done_children: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
         self._decision_children: dict[object, Any] = {
             **{a: self.decisions.labels(a.value) for a in Action},
             **{o: self.decisions.labels(o.value) for o in DecisionOutcome}}
@@ -130,10 +131,16 @@ class Metrics:
 
     def request_done(self, *, endpoint: str, role: str, model: str, outcome: str,
                      duration_s: float, ttft_s: float | None) -> None:
-        self.done.labels(endpoint, role, model, outcome).inc()
-        self.latency.labels(endpoint, model).observe(duration_s)
+        key = (endpoint, role, model, outcome)
+        children = self._done_children.get(key)
+        if children is None:  # labels() validates and locks: look each set up once
+            children = self._done_children[key] = (
+                self.done.labels(*key), self.latency.labels(endpoint, model),
+                self.ttft.labels(endpoint, model))
+        children[0].inc()
+        children[1].observe(duration_s)
         if ttft_s is not None:
-            self.ttft.labels(endpoint, model).observe(ttft_s)
+            children[2].observe(ttft_s)
 
     def decision(self, decision: Decision) -> None:
         self._decision_children[decision.action or decision.outcome].inc()

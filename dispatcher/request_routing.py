@@ -180,7 +180,12 @@ class RequestRouting:
             out[headers.FALLBACK] = f"{resolutions[0].name}->{fit.target} (context_length)"
             out[headers.TARGET] = fit.target
             return [first]
-        return [first, *resolutions[1:]]
+        rest = []  # the fallbacks for busy / fits-nowhere: only their models with room
+        for r in resolutions[1:]:
+            roomy = fit_context(f.prompt_tokens, [r.name], {r.name: r.model_ids}, ctx)
+            if roomy.target is not None:
+                rest.append(catalog.restrict(r, roomy.model_ids))
+        return [first, *rest]
 
     async def explain(self, f: RequestFeatures) -> dict[str, Any]:
         """The routing part of /v1/route: the rule that fires for these features."""

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None,
         print(json.dumps(resolved, indent=2, default=str))
         return 0
     setup_logging("node-agent", fmt=config.log_format, level=config.log_level)
+    structlog.contextvars.bind_contextvars(node_id=config.node_id)  # every line names the node
     log = structlog.get_logger("node_agent.cli")
     try:
         binary = resolve_llama_server(config.llama_server_bin)

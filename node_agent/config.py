@@ -232,16 +232,21 @@ class NodeAgentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _paths_from_the_config_folder(self, info: ValidationInfo) -> NodeAgentConfig:
-        """A relative model path is read from the config file's folder, not from wherever
-        the agent was started."""
+        """Relative model paths and state_dir are read from the config file's folder, not
+        from wherever the agent was started."""
         source = (info.context or {}).get("source")
         if source and not str(source).startswith("<"):
             base = Path(source).resolve().parent
+
+            def beside(path: Path) -> Path:
+                return Path(os.path.normpath(base / path))
+            if not self.state_dir.is_absolute():
+                self.state_dir = beside(self.state_dir)
             for m in self.models:
-                if not m.path.is_absolute():
-                    m.path = base / m.path.expanduser()
-                if m.mmproj is not None and not m.mmproj.is_absolute():
-                    m.mmproj = base / m.mmproj.expanduser()
+                if not m.path.expanduser().is_absolute():
+                    m.path = beside(m.path)
+                if m.mmproj is not None and not m.mmproj.expanduser().is_absolute():
+                    m.mmproj = beside(m.mmproj)
         return self
 
     @model_validator(mode="after")

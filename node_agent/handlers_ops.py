@@ -1,4 +1,5 @@
-"""Operator endpoints of the agent: `GET /metrics` and llama-server's own output.
+"""Operator endpoints of the agent: `GET /metrics` and llama-server's own output, and the
+middleware that counts OpenAI requests for the metrics.
 
     GET /v1/node/logs?device=D[&model=M][&lines=N]    {"device", "model", "lines": [...]}
     GET /v1/node/logs?device=D[&model=M]&follow=1     SSE: the kept lines, then each new one
@@ -12,16 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
+import structlog
 from aiohttp import web
 
 from node_agent.appkeys import NODE_KEY
 from node_agent.metrics import CONTENT_TYPE, AgentMetrics
-from rolemesh.errors import BadRequest, NotFound, UnknownDevice
-from rolemesh.http import json_response
+from rolemesh.errors import BadRequest, NotFound, RoleMeshError, UnknownDevice
+from rolemesh.http import CLIENT_GONE_KEY, json_response
+from rolemesh.openai_body import OPENAI_PATHS
 
 METRICS_KEY = web.AppKey("agent_metrics", AgentMetrics)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FOLLOW_KEEPALIVE_S = 15.0
 
 
@@ -55,8 +61,38 @@ def setup_routes(app: web.Application) -> None:
         node = app[NODE_KEY]
         return node.config.node_id, [node.device_status(d) for d in node.device_ids]
     metrics.read_devices_from(devices)
+    app.middlewares.append(count_requests)  # innermost: it sees what the handler bound
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/v1/node/logs", logs)
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Each OpenAI request's endpoint, model (as the handler bound it), outcome, duration,
+    and llama-server's `timings` from a buffered answer; the core adds what only it sees
+    (time to first token, loads, stops) through AgentMetrics."""
+    if request.path not in OPENAI_PATHS:
+        return await handler(request)
+    metrics = request.app[METRICS_KEY]
+    started = time.perf_counter()
+    outcome = "client_gone"
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        outcome = ("client_gone" if request.get(CLIENT_GONE_KEY)
+                   else "ok" if response.status < 400 else "upstream_error")
+        return response
+    except RoleMeshError as err:
+        outcome = err.code
+        raise
+    finally:
+        bound = structlog.contextvars.get_contextvars()
+        model = str(bound.get("model") or "-")
+        metrics.request(request.path, model, str(bound.get("role") or "-"), outcome)
+        metrics.latency(request.path, model, time.perf_counter() - started)
+        body = getattr(response, "body", None)
+        if outcome == "ok" and isinstance(body, bytes) and b'"timings"' in body:
+            metrics.timings(model, body)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

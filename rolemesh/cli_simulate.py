@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from rolemesh.config_loading import ConfigError
-from rolemesh.simulate.cluster import ClusterFile, load_cluster_file
+from rolemesh.simulate.cluster import ClusterFile, Loads, load_cluster_file
 from rolemesh.simulate.engine import simulate
 from rolemesh.simulate.report import Summary, json_lines, markdown_table, ratio_table, summarize
 from rolemesh.simulate.routers import POLICIES, RoleMesh
@@ -19,7 +19,7 @@ decision and today's node-agent rules, and with baselines in the same world: no
 processes, no GPUs, a few seconds per run."""
 
 EPILOG = """\
-the cluster file (YAML; configs/simulate/three-gpus.yaml is a full example):
+the cluster file (YAML; examples/simulate/three-gpus.yaml is a full example):
   models:                          # node-agent model fields, or this shorthand
     - model_id: coder-7b
       roles: [coder]
@@ -54,11 +54,13 @@ reading the table: one row per trace and policy; with several seeds each cell is
   p50/p95/p99 s: latency from the first attempt to the last token of answered requests;
   TTFT: to the first token; rejected: a 503 after the client's retries; timed out: still
   queued after the agent's queue timeout. Rejected and timed-out requests are not in the
-  percentiles: read them together. The second table gives RoleMesh's figures as ratios
-  against the operator map and the floor (below 1x: RoleMesh is better).
+  percentiles: read them together, or read "p95 all s", the p95 over every request with
+  the unanswered ones as never answered (inf when over 5 %). The second table gives
+  RoleMesh's figures as ratios against the operator map and the floor (below 1x: RoleMesh
+  is better).
 
 examples:
-  rolemesh simulate --cluster configs/simulate/three-gpus.yaml --trace all --seeds 1 2 3
+  rolemesh simulate --cluster examples/simulate/three-gpus.yaml --trace all --seeds 1 2 3
   rolemesh simulate --cluster my.yaml --access-log /var/log/rolemesh/access.jsonl \\
       --policy rolemesh,llama-swap,floor --loads cold --jsonl results.jsonl"""
 
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"rolemesh simulate: {exc}", file=sys.stderr)
         return 2
-    kinds = ["warm", "cold"] if args.loads == "both" else [args.loads or cluster.loads]
+    kinds: list[Loads] = (["warm", "cold"] if args.loads == "both"
+                          else [args.loads or cluster.loads])
     summaries: list[Summary] = []
     for kind in kinds:
         for seed, trace in traces:

@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,9 +203,16 @@ class Children:
                 proc.wait()
 
 
-def wait_ready(base: str, children: Children, timeout_s: float) -> None:
+class Interrupted(Exception):
+    pass
+
+
+def wait_ready(base: str, children: Children, timeout_s: float,
+               stopping: Callable[[], bool] = lambda: False) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
+        if stopping():
+            raise Interrupted
         gone = children.exited()
         if gone is not None:
             name, code, tail = gone
@@ -247,7 +255,10 @@ def run(args: argparse.Namespace) -> int:
                        env)
         print(f"rolemesh up: starting a dispatcher and a node agent with {source}", flush=True)
         try:
-            wait_ready(base, children, READY_TIMEOUT_S)
+            wait_ready(base, children, READY_TIMEOUT_S, lambda: stop_now)
+        except Interrupted:
+            print("rolemesh up: stopping", flush=True)
+            return 0
         except RuntimeError as exc:
             print(f"rolemesh up: {exc}\n(logs: {state}/dispatcher.log, {state}/agent.log)",
                   file=sys.stderr)

@@ -104,6 +104,16 @@ class MemoryBreakdown:
     def projector_mb(self) -> int:
         return self._sum("projector_bytes")
 
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready MB figures (for /v1/route and --json): per place, per component."""
+        def part(p: MemoryPart) -> dict[str, int]:
+            return {"weights_mb": p.weights_mb, "kv_cache_mb": p.kv_cache_mb,
+                    "compute_buffer_mb": p.compute_buffer_mb, "projector_mb": p.projector_mb,
+                    "total_mb": p.total_mb}
+        return {"per_device": {d: part(p) for d, p in self.per_device.items()},
+                "host": part(self.host), "host_pageable_mb": self.host_pageable_mb,
+                "notes": list(self.notes)}
+
 
 @dataclass(frozen=True)
 class HostFit:

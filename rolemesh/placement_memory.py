@@ -44,7 +44,6 @@ from rolemesh.projector_memory import projector_bytes
 HOST = "host"
 # llama.cpp's LLM_FFN_EXPS_REGEX in this build (common/common.h), and its per-block form.
 FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-QUANTIZED_CACHE_TYPES = frozenset({"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"})
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 _DEVICE_BUFFER = re.compile(r"^(CUDA|ROCm|Vulkan|SYCL|Metal|MUSA|CANN|OpenCL)(\d*)$")
 
@@ -228,7 +227,9 @@ def estimate_need(model: PlacementConfig, facts: GGUFFacts,
         notes.append("the GGUF lacks the figures for its KV cache: counted as 0")
 
     host_key = "cpu" if cpu_only else HOST
-    holders = {d for d in devices if weights.get(d) or kv.get(d)}
+    # The main GPU reserves a compute buffer even with no layers: llama.cpp offloads the big
+    # matrix products of a prompt batch to it (--op-offload, on by default).
+    holders = {devices[0]} | {d for d in devices if weights.get(d) or kv.get(d)}
     host_heavy = cpu_only or any(d == HOST for d in layer_dev[:n_layer]) or (
         weights.get(HOST, 0) > _input_bytes(facts))
     per_device: dict[str, MemoryPart] = {}

@@ -63,6 +63,7 @@ class Relayed:
     response: web.StreamResponse
     end: StreamEnd
     error: str | None = None  # why it broke, for the log
+    code: str | None = None  # the error event's code: ours, or the upstream's own
 
 
 def sse_error_event(message: str, code: str = "upstream_failed",
@@ -77,6 +78,16 @@ def ends_with_error_event(tail: bytes) -> bool:
     if not last.startswith(b"data:"):
         return False
     return last[len(b"data:"):].lstrip().startswith(b'{"error"')
+
+
+def error_event_code(tail: bytes) -> str | None:
+    """The `code` of the last SSE event in `tail` when it is an error event."""
+    last = tail.rstrip().rsplit(b"\n\n", 1)[-1].strip()
+    try:
+        code = json.loads(last[len(b"data:"):])["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _copy_headers(upstream: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
@@ -125,8 +136,28 @@ async def read_whole(upstream: aiohttp.ClientResponse) -> bytes:
 
 def buffered_response(upstream: aiohttp.ClientResponse, body: bytes,
                       extra_headers: Mapping[str, str]) -> web.Response:
-    return web.Response(body=body, status=upstream.status,
-                        headers=_copy_headers(upstream, extra_headers))
+    status = upstream.status
+    out = _copy_headers(upstream, extra_headers)
+    if status == NOT_IMPLEMENTED:
+        status, body = 400, not_supported_body(body)
+        out["Content-Type"] = "application/json"
+    return web.Response(body=body, status=status, headers=out)
+
+
+NOT_IMPLEMENTED = 501
+
+
+def not_supported_body(body: bytes) -> bytes:
+    """llama-server's 501 ("does not support embeddings") as the 400 it is for a client.
+
+    A retry cannot fix it (the model does not do that), so it is not a server error.
+    """
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode(errors="replace")[:300] or "not supported by this model"
+    return json.dumps({"error": {"message": str(message), "type": "invalid_request_error",
+                                 "code": "not_supported"}}).encode()
 
 
 async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
@@ -142,6 +173,7 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
     end = StreamEnd.CLIENT_GONE
     error: str | None = "the client went away"
     tail = b""
+    code: str | None = None
     # iter_any rather than readany: callers may wrap the content to watch its chunks.
     chunks = upstream.content.iter_any().__aiter__()
     try:
@@ -149,18 +181,20 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
             await response.prepare(request)
             end, error, tail = await _pump(chunks, response, idle_timeout_s)
             if end is StreamEnd.TIMEOUT:
+                code = "upstream_timeout"
                 await response.write(sse_error_event(f"{error}; the stream was ended",
-                                                     code="upstream_timeout"))
+                                                     code=code))
             elif end is StreamEnd.BROKEN:
+                code = "upstream_failed"
                 await response.write(sse_error_event(error or "the upstream failed"))
             elif ends_with_error_event(tail):
-                end = StreamEnd.ERROR_EVENT
+                end, code = StreamEnd.ERROR_EVENT, error_event_code(tail)
             await response.write_eof()
         except ConnectionError:  # only writes to the client raise it out of _pump
             if not (end is StreamEnd.CLEAN and tail.endswith(SSE_DONE)):  # it had it all
                 end, error = StreamEnd.CLIENT_GONE, "the client went away"
                 request[CLIENT_GONE_KEY] = True
-        return Relayed(response, end, error)
+        return Relayed(response, end, error, code)
     finally:
         # A cleanly finished upstream goes back to the keep-alive pool; any other ending
         # closes it so the upstream notices and stops generating.

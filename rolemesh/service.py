@@ -9,6 +9,8 @@ import sys
 import structlog
 from aiohttp import web
 
+from rolemesh.http_server import JsonErrorAppRunner
+
 EXIT_START = 3
 
 
@@ -43,8 +45,8 @@ async def _serve(name: str, app: web.Application, host: str, port: int,
                  shutdown_grace_s: float = 60.0) -> None:
     # handler_cancellation: a client that goes away cancels its handler, which gives back
     # its queue place and closes the upstream connection, which stops the generation.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=shutdown_grace_s)
+    runner = JsonErrorAppRunner(app, handler_cancellation=True, access_log=None,
+                                shutdown_timeout=shutdown_grace_s)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

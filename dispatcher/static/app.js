@@ -49,14 +49,44 @@
   const drain = (node, back) =>
     act("POST", `/v1/nodes/${encodeURIComponent(node)}/${back ? "undrain" : "drain"}`, {});
 
+  // The tail of an instance's llama-server output, then its new lines as they come.
+  let logFollow = null;
   async function showLog(node, device, model) {
+    if (logFollow) logFollow.abort();
     const q = new URLSearchParams({ device, lines: "200" });
     if (model) q.set("model", model);
-    const r = await api("GET", `/v1/nodes/${encodeURIComponent(node)}/logs?${q}`);
+    const path = `/v1/nodes/${encodeURIComponent(node)}/logs`;
+    const r = await api("GET", `${path}?${q}`);
+    const pre = document.getElementById("log");
     document.getElementById("logbox").hidden = false;
     document.getElementById("logtitle").textContent = `${model || ""} on ${node}/${device}`;
-    document.getElementById("log").textContent = r.ok ? r.data.lines.join("\n") || "(empty)"
-      : r.error;
+    pre.textContent = r.ok ? r.data.lines.join("\n") : r.error;
+    if (!r.ok) return;
+    q.set("lines", "0");
+    q.set("follow", "1");
+    logFollow = new AbortController();
+    try {
+      const resp = await fetch(`${path}?${q}`, { headers: RM.key() ? {
+        Authorization: "Bearer " + RM.key() } : {}, signal: logFollow.signal });
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, cut);
+          buf = buf.slice(cut + 2);
+          const data = block.split("\n").find((l) => l.startsWith("data:"));
+          if (!data || block.startsWith("event: end")) continue;
+          const line = JSON.parse(data.slice(5)).line;
+          pre.textContent += (pre.textContent ? "\n" : "") + line;
+          pre.scrollTop = pre.scrollHeight;
+        }
+      }
+    } catch (_) { /* closed, or the instance stopped */ }
   }
 
   // -- rendering -----------------------------------------------------------------------------
@@ -212,6 +242,7 @@
   let events = RM.stream("/v1/events", onEvent, onState);
   RM.setupKeyForm(() => { events.stop(); events = RM.stream("/v1/events", onEvent, onState); });
   document.getElementById("logclose").addEventListener("click", () => {
+    if (logFollow) logFollow.abort();
     document.getElementById("logbox").hidden = true;
   });
   // Figures (memory, queues, heartbeat age) change without events: refresh them slowly.

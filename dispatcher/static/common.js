@@ -40,9 +40,15 @@ const RM = (() => {
     try {
       resp = await fetch(path, init);
     } catch (err) {
+      if (method !== "GET") {
+        document.body.dataset.actions = String(Number(document.body.dataset.actions || 0) + 1);
+      }
       return { ok: false, status: 0, error: `${method} ${path}: ${err}` };
     }
     const text = await resp.text();
+    if (method !== "GET") {  // a count of finished actions: tests (and people) can wait on it
+      document.body.dataset.actions = String(Number(document.body.dataset.actions || 0) + 1);
+    }
     let data = null;
     try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
     const out = { ok: resp.ok, status: resp.status, data, headers: resp.headers };
@@ -129,7 +135,8 @@ const RM = (() => {
   const mb = (v) => v === null || v === undefined ? "?"
     : v >= 1024 ? (v / 1024).toFixed(1) + " GB" : v + " MB";
   const secs = (v) => v === null || v === undefined ? "–"
-    : v < 1 ? Math.round(v * 1000) + " ms" : v.toFixed(v < 10 ? 2 : 1) + " s";
+    : v < 1 ? Math.round(v * 1000) + " ms" : v < 120 ? v.toFixed(v < 10 ? 2 : 1) + " s"
+      : v < 7200 ? Math.round(v / 60) + " min" : Math.round(v / 3600) + " h";
   const ago = (at) => {
     const s = Math.max(0, Date.now() / 1000 - at);
     return s < 60 ? Math.round(s) + " s ago" : s < 3600 ? Math.round(s / 60) + " min ago"

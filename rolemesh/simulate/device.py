@@ -76,6 +76,10 @@ class Waiter:
     model_id: str
     enqueued_at: float
     work: Callable[[str], Work]  # the request's work on the model that serves it
+    view: WaiterView = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.view = WaiterView(self.rid, self.model_id, self.enqueued_at)
 
 
 @dataclass
@@ -193,7 +197,7 @@ class DeviceSim:
             demand={m: self.demand(m, now) for m in self.memory_mb})
 
     def _waiter_views(self) -> list[WaiterView]:
-        return [WaiterView(w.rid, w.model_id, w.enqueued_at) for w in self.waiters]
+        return [w.view for w in self.waiters]
 
     def _apply(self, actions: Sequence[Action], now: float) -> bool:
         changed = False

@@ -14,6 +14,7 @@ agent's queue timeout is `timed_out`. Latency counts from the first attempt.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections.abc import Callable
@@ -109,32 +110,27 @@ class Simulation:
     def _build_devices(self, policy: str) -> None:
         cluster = self.cluster
         world = self.world
-        for node in cluster.nodes:
-            world.nodes[node.node_id] = node
-            for spec in node.devices:
-                key = (node.node_id, spec.device_id)
-                world.devices[key] = None  # type: ignore[assignment]  # filled below
         self.router: Router = make_router(policy, world, self.trace)
         margin = cluster.dispatcher.memory_safety_margin
         models = cluster.model_by_id
+        floor = self.router.preload_all  # every model resident, memory no object
         for node in cluster.nodes:
+            world.nodes[node.node_id] = node
             served = cluster.serves(node)
             for spec in node.devices:
                 key = (node.node_id, spec.device_id)
-                floor = self.router.preload_all
-                world.devices[key] = DeviceSim(
+                device = world.devices[key] = DeviceSim(
                     key, spec.memory_mb,
                     float("inf") if floor else usable_mb(spec.memory_mb, margin), spec.speed,
                     self.router.planner(), {m: models[m].need_mb for m in served},
                     {m: models[m].parallel for m in served}, self._load_time,
                     self.router.pending_limit, self, self)
-                device = world.devices[key]
                 device.margin = margin
-                device.demand = lambda m, now, n=node.node_id: world.recent(n, m, now)
+                device.demand = functools.partial(world.recent, node.node_id)
                 if floor:
                     for m in served:
                         if fits(models[m].need_mb, spec.memory_mb, margin):
-                            world.devices[key].preload(m, pinned=True)
+                            device.preload(m, pinned=True)
         for pin in cluster.pins:
             device = world.devices[(pin.node, pin.device)]
             if not device.holds(pin.model):
@@ -217,7 +213,7 @@ class Simulation:
             if device.admit(Waiter(req.rid, route.model_id, now, self._work_fn(req, device)),
                             now):
                 timeout = self.cluster.agent.queue_timeout_s
-                self.at(now + timeout, lambda t, d=device, a=admit: self._timeout(req, d, a, t))
+                self.at(now + timeout, functools.partial(self._timeout, req, device, admit))
                 return False
             excluded.append(route.key)
         req.key = None

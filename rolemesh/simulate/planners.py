@@ -204,15 +204,24 @@ class QueuePlanner:
         actions: list[Action] = []
         room = {m: i.parallel - i.in_flight for m, i in resident.items()
                 if i.state is InstanceState.READY}
+        free = sum(r for r in room.values() if r > 0)
+        taking = {m for m, i in resident.items() if i.state is not InstanceState.DRAINING}
         ahead: set[str] = set()  # models that requests ahead of the blocked one wait for
-        for w in waiters:
-            inst = resident.get(w.model_id)
-            if inst is None or inst.state is InstanceState.DRAINING:
-                return actions, w.model_id, ahead
-            ahead.add(w.model_id)
-            if room.get(w.model_id, 0) > 0:
-                room[w.model_id] -= 1
-                actions.append(Grant(w.waiter_id, w.model_id))
+        for index, w in enumerate(waiters):
+            m = w.model_id
+            if m not in taking:
+                return actions, m, ahead
+            ahead.add(m)
+            if room.get(m, 0) > 0:
+                room[m] -= 1
+                free -= 1
+                actions.append(Grant(w.waiter_id, m))
+            elif free == 0 and len(ahead) == len(taking):
+                # Nothing more can be granted and every model is ahead: only the first
+                # waiter for a model that is not resident is still of interest (long queues).
+                blocked = next((v.model_id for v in waiters[index + 1:]
+                                if v.model_id not in taking), None)
+                return actions, blocked, ahead
         return actions, None, ahead
 
     def _expire(self, view: DeviceSnapshot, waiters: Sequence[WaiterView], now: float,

@@ -12,6 +12,7 @@ Available only once `rolemesh.planner` exists (`available()`).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from collections.abc import Sequence
 from typing import Any
@@ -39,14 +40,13 @@ def available() -> bool:
 class ResidencyPlanner:
     def __init__(self, *, patience_s: float, default_load_s: float,
                  co_residency: bool = True) -> None:
-        from rolemesh import planner, residency
-        from rolemesh.api import InstanceState as WireState
-
-        self._p: Any = planner
-        self._room: Any = residency.Room
-        self._state = {InstanceState.STARTING: WireState.STARTING,
-                       InstanceState.READY: WireState.READY,
-                       InstanceState.DRAINING: WireState.DRAINING}
+        planner: Any = importlib.import_module("rolemesh.planner")  # issue 8's, when present
+        wire_state: Any = importlib.import_module("rolemesh.api").InstanceState
+        self._p = planner
+        self._room: Any = importlib.import_module("rolemesh.residency").Room
+        self._state = {InstanceState.STARTING: wire_state.STARTING,
+                       InstanceState.READY: wire_state.READY,
+                       InstanceState.DRAINING: wire_state.DRAINING}
         self.patience_s = patience_s
         self.default_load_s = default_load_s
         self.co_residency = co_residency

@@ -121,7 +121,7 @@ class RoleMesh:
 class RoundRobin:
     name = "round-robin"
     max_attempts = 1
-    pending_limit = None
+    pending_limit: int | None = None
     preload_all = False
 
     def __init__(self) -> None:
@@ -156,7 +156,7 @@ class LeastLoaded(RoundRobin):
 class OllamaLike:
     name = "ollama"
     max_attempts = 1
-    pending_limit = OLLAMA_QUEUE
+    pending_limit: int | None = OLLAMA_QUEUE
     preload_all = False
 
     def planner(self) -> DevicePlanner:
@@ -189,7 +189,7 @@ class OperatorMap:
 
     name = "llama-swap"
     max_attempts = 1
-    pending_limit = None
+    pending_limit: int | None = None
     preload_all = False
 
     def __init__(self, trace: Trace) -> None:
@@ -266,7 +266,7 @@ def operator_map(world: World, trace: Trace) -> dict[str, Key]:
 class Floor:
     name = "floor"
     max_attempts = 1
-    pending_limit = None
+    pending_limit: int | None = None
     preload_all = True
 
     def planner(self) -> DevicePlanner:

@@ -45,6 +45,7 @@ class BatteryCluster:
     proxies: dict[str, FaultProxy]
     records: dict[str, Path]
     workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_KEY}"}
@@ -99,6 +100,30 @@ class BatteryCluster:
         return "\n".join(s.log() for s in [self.dispatcher, *self.agents.values()])
 
 
+# -- reading a device, inventory schema v1 (one slot) or v2 (a set of instances) ---------
+
+
+def device_waiting(device: dict[str, Any]) -> int:
+    """Queued requests on a device (v1 `pending`, v2 each instance's `queued`)."""
+    return int(device.get("pending", 0)) + sum(int(i.get("queued", 0))
+                                               for i in device.get("instances", []))
+
+
+def device_load(device: dict[str, Any]) -> int:
+    """Requests in flight plus queued on a device."""
+    return (int(device.get("in_flight", 0)) + device_waiting(device)
+            + sum(int(i.get("in_flight", 0)) for i in device.get("instances", [])))
+
+
+def device_ready(device: dict[str, Any], model_id: str | None = None) -> bool:
+    """v1: the slot is ready (with model_id loaded); v2: an instance of it is ready."""
+    if "instances" in device:
+        return any(i.get("state") == "ready" and model_id in (None, i.get("model_id"))
+                   for i in device["instances"])
+    return device.get("slot_state") == "ready" and model_id in (None,
+                                                                 device.get("loaded_model"))
+
+
 def fake_models(model_id: str, path: Path, roles: list[str], record: Path,
                 **server_args: Any) -> dict[str, Any]:
     return {"model_id": model_id, "path": str(path), "roles": roles,
@@ -108,8 +133,13 @@ def fake_models(model_id: str, path: Path, roles: list[str], record: Path,
 @contextlib.contextmanager
 def start_battery(tmp_path: Path, llama_bin: Path, specs: list[AgentSpec],
                   dispatcher_extra: dict[str, Any] | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[BatteryCluster]:
-    dconf = {"listen_port": free_port(), "cluster_token": TOKEN, "api_keys": [API_KEY],
+                  env: dict[str, str] | None = None,
+                  token_from_env: bool = False) -> Iterator[BatteryCluster]:
+    """token_from_env: the cluster token is in ROLEMESH_CLUSTER_TOKEN, not in the configs."""
+    token = {} if token_from_env else {"cluster_token": TOKEN}
+    if token_from_env:
+        env = {**(env or {}), "ROLEMESH_CLUSTER_TOKEN": TOKEN}
+    dconf = {"listen_port": free_port(), **token, "api_keys": [API_KEY],
              "heartbeat_interval_s": HEARTBEAT_S, "node_timeout_s": 2.0,
              "node_forget_s": 120.0, **(dispatcher_extra or {})}
     with contextlib.ExitStack() as stack:
@@ -123,7 +153,7 @@ def start_battery(tmp_path: Path, llama_bin: Path, specs: list[AgentSpec],
             records[spec.node_id] = tmp_path / f"{spec.node_id}-spawns.jsonl"
             aconf: dict[str, Any] = {
                 "node_id": spec.node_id, "listen_port": port, "backend": "cpu",
-                "dispatcher_base_url": dispatcher.url, "cluster_token": TOKEN,
+                "dispatcher_base_url": dispatcher.url, **token,
                 "heartbeat_interval_s": HEARTBEAT_S, "llama_server_bin": str(llama_bin),
                 "llama_server_probe_interval_s": 0.05, "llama_server_stop_grace_s": 2.0,
                 "max_pending_requests_per_device": 32,
@@ -138,7 +168,8 @@ def start_battery(tmp_path: Path, llama_bin: Path, specs: list[AgentSpec],
             configs[spec.node_id] = aconf
             agents[spec.node_id] = stack.enter_context(
                 start_service("node_agent", aconf, tmp_path, env))
-        cluster = BatteryCluster(dispatcher, dconf, agents, configs, proxies, records, tmp_path)
+        cluster = BatteryCluster(dispatcher, dconf, agents, configs, proxies, records, tmp_path,
+                                 env or {})
         cluster.wait_nodes_up()
         try:
             yield cluster

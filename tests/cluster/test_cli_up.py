@@ -138,3 +138,16 @@ def test_up_says_what_is_wrong_with_an_empty_models_folder(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"--models-dir {tmp_path}: no .gguf file there" in result.stderr
+
+
+def test_ctrl_c_while_starting_stops_both_at_once(tmp_path, tiny_models, fake_llama_server_bin):
+    config = tmp_path / "up.yaml"  # an agent that never registers: `up` waits for it
+    config.write_text(f"agent:\n  dispatcher_base_url: http://127.0.0.1:9\n  models:\n"
+                      f"    - {{model_id: m, path: {tiny_models['letters']}, roles: [chat]}}\n")
+    up = Up(["--config", str(config), "--port", str(free_port()), "--agent-port",
+             str(free_port()), "--state-dir", str(tmp_path / "state")],
+            env_with(fake_llama_server_bin))
+    up.wait_for("starting a dispatcher and a node agent")
+    code = up.stop(signal.SIGINT)
+    assert code == 0, up.output()
+    assert "stopping" in up.output()

@@ -27,7 +27,7 @@ def test_status_nodes_models_route_and_check_fit_describe_the_cluster(
               model_entry("digits", tiny_models["digits"], ["coder"])]
     with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
                        dispatcher_extra={"api_keys": ["sk-1"],
-                                         "roles": {"code": "coder"}}) as cluster:
+                                         "aliases": {"code": "coder"}}) as cluster:
         url = cluster.dispatcher.url
         cluster.client(api_key="sk-1").chat.completions.create(
             model="chat", max_tokens=2, messages=[{"role": "user", "content": "x"}])

@@ -4,15 +4,21 @@ llama-server's own output through the agent and the dispatcher, and the dashboar
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cluster.harness import TOKEN, model_entry, start_cluster
 from tests.waiting import wait_until_sync
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def get_text(url: str, token: str | None = TOKEN) -> tuple[int, str, dict[str, str]]:
@@ -27,31 +33,30 @@ def get_text(url: str, token: str | None = TOKEN) -> tuple[int, str, dict[str, s
 
 
 class EventReader:
-    """Reads GET /v1/events in a thread, as `rolemesh watch` would."""
+    """`rolemesh watch --json` in a subprocess: GET /v1/events as the CLI reads it."""
 
     def __init__(self, url: str, token: str | None) -> None:
-        req = urllib.request.Request(url + "/v1/events")
+        env = {**os.environ, "ROLEMESH_URL": url}
+        env.pop("ROLEMESH_API_KEY", None)
         if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        self.resp = urllib.request.urlopen(req, timeout=30)
+            env["ROLEMESH_API_KEY"] = token
+        self.proc = subprocess.Popen([sys.executable, "-m", "rolemesh.cli", "watch", "--json"],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         self.events: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
-        try:
-            for raw in self.resp:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("data:"):
-                    self.events.append(json.loads(line[5:]))
-        except (OSError, ValueError, AttributeError):  # closed by the test
-            return
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.append(json.loads(line))
 
     def of_type(self, type_: str) -> list[dict[str, Any]]:
         return [e for e in list(self.events) if e["type"] == type_]
 
     def close(self) -> None:
-        self.resp.close()
+        self.proc.kill()
+        self.proc.wait()
 
 
 @pytest.fixture
@@ -132,9 +137,34 @@ def test_metrics_on_both_services_count_requests_and_show_devices(cluster):
     status, text, _ = get_text(agent.url + "/metrics")
     assert status == 200, text
     assert 'rolemesh_agent_in_flight{device="cpu"} 0.0' in text
+    assert ('rolemesh_agent_requests_total{endpoint="/v1/chat/completions",model="letters",'
+            'outcome="ok",role="-"} 1.0') in text
+    assert ('rolemesh_agent_request_duration_seconds_count{endpoint="/v1/chat/completions",'
+            'model="letters"} 1.0') in text
     assert 'rolemesh_agent_queue_depth{device="cpu"} 0.0' in text
     assert 'rolemesh_agent_device_memory_total_mb{device="cpu",node="node-a"}' in text
     assert get_text(agent.url + "/metrics", token=None)[0] == 401  # the agent's token guards it
+
+
+def done_lines(log: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in log.splitlines():
+        if '"request.done"' in line:
+            lines.append(json.loads(line))
+    return lines
+
+
+def test_request_done_log_lines_name_the_model_node_and_device_on_both_hops(cluster):
+    cluster.client(api_key="sk-1").chat.completions.create(
+        model="chat", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    wait_until_sync(lambda: bool(done_lines(cluster.dispatcher.log())), what="request.done")
+    line = done_lines(cluster.dispatcher.log())[0]
+    assert (line["model"], line["model_id"], line["node"], line["device"], line["status"]) \
+        == ("chat", "letters", "node-a", "cpu", 200)
+    agent_line = done_lines(cluster.agents["node-a"].log())[0]
+    assert (agent_line["node_id"], agent_line["device"], agent_line["model"]) == \
+        ("node-a", "cpu", "letters")
+    assert agent_line["request_id"] == line["request_id"]
 
 
 def test_llama_server_output_is_readable_from_the_agent_and_through_the_dispatcher(cluster):
@@ -174,3 +204,17 @@ def test_the_dashboard_pages_are_served_without_a_key_and_the_api_still_wants_on
         assert status == 200, path
         assert marker in body
     assert get_text(url + "/v1/nodes", token=None)[0] == 401
+
+
+def test_a_node_that_stops_shows_as_a_node_down_event(cluster):
+    reader = EventReader(cluster.dispatcher.url, "sk-1")
+    try:
+        wait_until_sync(lambda: bool(reader.of_type("snapshot")), what="the snapshot")
+        cluster.agents["node-a"].stop()
+        wait_until_sync(lambda: bool(reader.of_type("node.down")), timeout_s=15,
+                        what="node.down")
+        down = reader.of_type("node.down")[0]
+        assert down["node_id"] == "node-a"
+        assert down["why"] == "missed heartbeats"
+    finally:
+        reader.close()

@@ -19,6 +19,7 @@ from tests.fakes.fake_agent import (
     running_agents,
     running_dispatcher,
 )
+from tests.fakes.fault_proxy import FaultProxy
 from tests.waiting import wait_until
 
 MODELS = [FakeModel("planner-7b", ["planner"])]
@@ -145,6 +146,9 @@ async def test_a_device_failing_three_times_in_a_row_is_cooled_unless_it_is_the_
         assert set(cooling) <= {"node-a/gpu:0", "node-b/gpu:0"}
         assert cooling  # at least one is cooling
         assert metric(d, "rolemesh_dispatcher_cooldowns_total") >= 1
+        for path in ("/v1/nodes", "/v1/route?model=planner"):  # operators see them
+            async with s.get(d.url + path) as resp:
+                assert set((await resp.json())["avoiding"]["cooldowns"]) == set(cooling)
         # Both cooled or not, requests still go somewhere: a cool-down never leaves none.
         a.knobs.die_after_chunks = b.knobs.die_after_chunks = None
         status, _ = await post(s, d.url, chat("planner"))
@@ -228,3 +232,44 @@ async def test_a_non_ascii_authorization_header_gets_401_not_500():
             assert status_line.split()[1] in (b"401", b"405")
             assert set(body["error"]) == {"message", "type", "code"}
         writer.close()
+
+
+async def test_a_non_streamed_request_to_a_black_holed_agent_fails_over_once_health_is_silent():
+    a = loaded("node-a")  # holds the model: chosen first
+    b = FakeAgent("node-b", [FakeDevice("gpu:0")], MODELS)
+    config = dispatcher_config(first_byte_timeout_s=0.3, connect_timeout_s=0.5)
+    async with running_agents(a, b), running_dispatcher(config) as d, \
+            aiohttp.ClientSession() as s:
+        proxy = FaultProxy(int(a.url.rsplit(":", 1)[1])).start()
+        try:
+            a.url = proxy.url  # the dispatcher reaches node-a only through the proxy
+            await a.register(s, d.url)
+            await b.register(s, d.url)
+            proxy.set("blackhole")  # requests and /health alike: a frozen host
+            status, body = await post(s, d.url, chat("planner"))
+            assert status == 200
+            assert body["choices"][0]["message"]["content"].startswith("node-b/")
+        finally:
+            proxy.stop()
+        assert metric(d, 'rolemesh_dispatcher_failovers_total{reason="first_byte_timeout"}') \
+            == 1
+
+
+async def test_a_non_streamed_request_to_a_live_but_slow_agent_is_not_given_up_on():
+    a, b = loaded("node-a"), loaded("node-b")
+    config = dispatcher_config(first_byte_timeout_s=0.2)
+    async with running_agents(a, b), running_dispatcher(config) as d, \
+            aiohttp.ClientSession() as s:
+        await a.register(s, d.url)
+        hold = a.knobs.hold = asyncio.Event()  # a long generation: /health still answers
+        slow = asyncio.create_task(post(s, d.url, chat("planner")))
+        await wait_until(lambda: len(a.seen) == 1, what="node-a got it")
+        await asyncio.sleep(1.0)  # several first-byte bounds pass (not a timing assertion)
+        assert not slow.done()
+        hold.set()
+        status, body = await slow
+        assert status == 200
+        assert body["choices"][0]["message"]["content"].startswith("node-a/")
+        assert metric(d, 'rolemesh_dispatcher_failovers_total{reason="first_byte_timeout"}') \
+            == 0
+        assert b.seen == []

@@ -22,6 +22,7 @@ from tests.fakes.fake_agent import (
     running_agents,
     running_dispatcher,
 )
+from tests.waiting import wait_until
 
 TOKEN = "tok-routing"
 ADMIN = "adm-routing"
@@ -149,6 +150,17 @@ async def test_a_long_prompt_reaches_the_large_model_or_a_fallback_with_room(tmp
             await chat(client, "qwen-3b", "word " * 2000)
         assert err.value.code == "context_length_exceeded"
         assert "1024 tokens" in err.value.message
+
+
+async def test_a_busy_role_does_not_fall_back_to_a_model_too_small_for_the_prompt(tmp_path):
+    big, small = tiers()
+    table = {**TABLE, "content_rules": [], "fallbacks": {"builder": ["assistant"]}}
+    async with cluster(tmp_path, table, agents=(big, small), max_attempts=1) as (
+            _, client, _, _):
+        small.knobs.busy = True  # the builder's device (and the assistant's) are busy
+        with pytest.raises(openai.InternalServerError):
+            await chat(client, "builder", "word " * 2000)  # 2,500 tokens: not the 1k assistant
+        assert [s.body["model"] for s in small.seen] == ["coder-14b"]
 
 
 async def test_a_role_that_fits_nowhere_falls_back(tmp_path):
@@ -300,3 +312,22 @@ async def test_models_lists_the_task_types_a_request_may_name(tmp_path):
         assert listed["infra"].model_extra["role"] == "operator"
         assert listed["infra"].model_extra["models"] == ["qwen-3b"]
         assert listed["builder"].model_extra["kind"] == "role"
+
+
+async def test_turns_arriving_together_share_one_classifier_question(tmp_path):
+    big, small = tiers()
+    small.devices["gpu:0"].pending_limit = 8  # the three turns fit at once
+    clf = FakeAgent("clf", [FakeDevice("gpu:0", pending_limit=8)],
+                    [FakeModel("tiny-1b", ["classifier"])])
+    table = {**TABLE, "content_rules": [],
+             "classifier": {"role": "classifier", "timeout_s": 60}}
+    async with cluster(tmp_path, table, agents=(big, small, clf)) as (_, client, _, _):
+        clf.knobs.answer_text = "infra"
+        clf.knobs.hold = asyncio.Event()
+        turns = [asyncio.create_task(chat(client, "auto", "rotate the certificates"))
+                 for _ in range(3)]
+        await wait_until(lambda: len(clf.seen) >= 1, timeout_s=10, what="a question")
+        clf.knobs.hold.set()
+        answers = await asyncio.gather(*turns)
+        assert [answered_by(a) for _, a in answers] == ["qwen-3b"] * 3
+        assert len(clf.seen) == 1

@@ -127,3 +127,19 @@ def test_a_loaded_model_is_measured_and_the_figure_kept_for_the_next_start(
     assert (after.source, after.per_device_mb) == ("measured", {"cpu": measured})
     assert after.error_pct is not None
     assert after.error_pct < 0
+
+
+def test_the_accuracy_benchmark_prints_its_table_and_json(llama_server_bin):
+    import os
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench.memory_accuracy", "--quick"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ROLEMESH_LLAMA_SERVER_BIN": str(llama_server_bin)})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("| model, config | weights est / llama.cpp MiB")
+    rows = [line for line in lines if line.startswith("| ") and line.endswith("| yes |")]
+    assert len(rows) == sum(c.quick for c in CASES)
+    figures = json.loads(lines[-1].removeprefix("BENCH_JSON "))
+    assert set(figures) == {c.name for c in CASES if c.quick}

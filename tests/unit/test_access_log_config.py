@@ -49,3 +49,14 @@ def test_a_buffered_answer_counts_its_usage():
     tokens.body = json.dumps({"choices": [], "usage": {"prompt_tokens": 2,
                                                         "completion_tokens": 9}}).encode()
     assert tokens.usage() == {"prompt_tokens": 2, "completion_tokens": 9}
+
+
+def test_an_access_log_that_cannot_be_written_fails_at_start_naming_the_path(tmp_path):
+    from dispatcher.access_log import AccessLog
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    log = AccessLog(AccessLogConfig(path=blocker / "access.jsonl"))
+    with pytest.raises(OSError, match=r"access_log\.path: cannot write .*a-file/access\.jsonl"):
+        log.start()
+    log.close()

@@ -141,3 +141,31 @@ def test_all_experts_on_the_card_do_not_fit_it(architect, capsys):
     args = [a for a in ARGS if a not in ("--n-cpu-moe", str(N_LAYER))]
     assert cli.main([*args[:1], str(architect), *args[1:], "--allow-disk-paging"]) == 3
     assert "gpu:0: needs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("paging", "fits"), [(True, True), (False, False)])
+def test_an_architect_tier_node_config_is_judged_by_its_allow_disk_paging(
+        architect, paging, fits):
+    from node_agent.config import NodeAgentConfig
+    from node_agent.memory_charge import read_model_memory
+    from rolemesh.config_loading import load_config
+
+    text = f"""
+backend: cuda
+models:
+  - model_id: minimax-m2-q4_k
+    path: {architect}
+    roles: [architect]
+    ctx_size: 32768
+    n_cpu_moe: {N_LAYER}
+    cache_type_k: q8_0
+    cache_type_v: q8_0
+    allow_disk_paging: {str(paging).lower()}
+"""
+    model = load_config(text, NodeAgentConfig, source="node.yaml").models[0]
+    need = read_model_memory(model).need(["gpu:0"])
+    verdict = host_fit(need.host_mb, HOST_AVAILABLE_MB, model.allow_disk_paging,
+                       unpageable_mb=need.host_mb - need.host_pageable_mb)
+    assert need.per_device_mb["gpu:0"] <= CARD_MB * MARGIN
+    assert (verdict.ok, verdict.paging) == (fits, fits)
+    assert ("paged from disk" if fits else "set allow_disk_paging: true") in verdict.note

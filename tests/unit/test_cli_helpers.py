@@ -54,7 +54,7 @@ def test_an_up_config_with_relative_model_paths_reads_them_from_its_folder(tmp_p
 
 
 def test_an_empty_models_folder_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="no .gguf file"):
+    with pytest.raises(ConfigError, match=r"no \.gguf file"):
         models_from_dir(tmp_path)
 
 

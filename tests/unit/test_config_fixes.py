@@ -58,8 +58,7 @@ def test_the_cluster_token_comes_from_a_private_file(tmp_path, monkeypatch):
     assert "s3cret" not in str(dispatcher.public_dump())
 
 
-def test_a_token_file_others_can_read_is_refused_and_named(tmp_path, monkeypatch):
-    monkeypatch.delenv("ROLEMESH_ALLOW_SHARED_TOKEN_FILE", raising=False)
+def test_a_token_file_others_can_read_is_refused_and_named(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     os.chmod(token, 0o644)
@@ -75,3 +74,33 @@ def test_a_token_file_others_can_read_is_refused_and_named(tmp_path, monkeypatch
     (None, ["*"], None)])
 def test_cors_answers_only_listed_origins(origin, allowed, expected):
     assert allowed_origin(origin, allowed) == expected
+
+
+def test_environment_references_in_values_fill_ports_and_urls(monkeypatch):
+    monkeypatch.setenv("AGENT_PORT", "9101")
+    monkeypatch.delenv("DISPATCHER_PORT", raising=False)
+    text = ("# a comment with ${NOT_EXPANDED}\nlisten_port: ${AGENT_PORT:-8081}\n"
+            "dispatcher_base_url: http://127.0.0.1:${DISPATCHER_PORT:-8080}\n")
+    config = load_config(text, NodeAgentConfig, source="a.yaml")
+    assert config.listen_port == 9101
+    assert config.dispatcher_base_url == "http://127.0.0.1:8080"
+
+
+def test_an_unset_environment_reference_without_a_default_names_key_and_variable(monkeypatch):
+    monkeypatch.delenv("NOPE_PORT", raising=False)
+    with pytest.raises(ConfigError, match=r"a.yaml: listen_port: \$\{NOPE_PORT\} is not set"):
+        load_config("listen_port: ${NOPE_PORT}\n", NodeAgentConfig, source="a.yaml")
+
+
+def test_the_one_machine_example_moves_its_ports_with_the_environment(monkeypatch):
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("ROLEMESH_DISPATCHER_PORT", "9200")
+    monkeypatch.setenv("ROLEMESH_AGENT_A_PORT", "9201")
+    dispatcher = load_config_file(ROOT / "configs" / "dispatcher.local.yaml", DispatcherConfig)
+    agent = load_config_file(ROOT / "configs" / "node_agent.local-a.yaml", NodeAgentConfig)
+    assert dispatcher.listen_port == 9200
+    assert agent.listen_port == 9201
+    assert agent.dispatcher_base_url == "http://127.0.0.1:9200"
+    assert agent.models[0].path == ROOT / ".rolemesh-demo" / "models" / "letters.gguf"
+    assert agent.state_dir == ROOT / ".rolemesh-demo" / "state-a"

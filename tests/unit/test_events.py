@@ -161,3 +161,10 @@ def test_sse_messages_carry_the_type_and_id():
     text = sse_message({"type": "node.up", "id": 7, "node_id": "n"}).decode()
     assert text.startswith("event: node.up\nid: 7\ndata: {")
     assert text.endswith("\n\n")
+
+
+def test_a_v2_stop_without_a_record_is_unknown_not_guessed():
+    memory, _ = diff_devices("n", None, [v2("gpu:0", inst("a", "ready"))], None)
+    _, changes = diff_devices("n", memory, [v2("gpu:0", inst("b", "ready"))], None)
+    stopped = [d for t, d in changes if t == "model.stopped"]
+    assert [(d["model_id"], d["reason"]) for d in stopped] == [("a", "unknown")]

@@ -469,3 +469,14 @@ def test_a_device_group_is_a_placement_with_its_split() -> None:
     assert (model.placement, model.split) == (("gpu:0", "gpu:1"), (1.0, 1.5))
     (single,) = load(with_model(devices=["gpu:1"], tensor_split=[3, 1])).models
     assert (single.placement, single.split) == (("gpu:1",), None)  # one device: no split
+
+
+def test_a_relative_projector_is_read_from_the_config_files_folder_like_the_model(
+        tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    config_file = tmp_path / "node.yaml"
+    config_file.write_text("models:\n  - model_id: v\n    path: models/v.gguf\n"
+                           "    mmproj: models/mmproj-v.gguf\n")
+    model = load_config_file(config_file, NodeAgentConfig).models[0]
+    assert model.path == tmp_path.resolve() / "models/v.gguf"
+    assert model.mmproj == tmp_path.resolve() / "models/mmproj-v.gguf"

@@ -285,3 +285,11 @@ def test_host_fit(need, available, paging, unpageable, ok, paged, says):
     verdict = host_fit(need, available, paging, unpageable_mb=unpageable)
     assert (verdict.ok, verdict.paging) == (ok, paged)
     assert says in verdict.note
+
+
+def test_with_no_layers_offloaded_the_main_gpu_still_reserves_a_compute_buffer():
+    need = estimate_need(Placement(ctx_size=2048, gpu_layers=0), DENSE, ["gpu:0", "gpu:1"])
+    assert need.per_device["gpu:0"].weights_bytes == 0
+    assert need.per_device["gpu:0"].compute_buffer_bytes > 0  # op offload of prompt batches
+    assert need.per_device["gpu:1"].total_bytes == 0
+    assert need.host.weights_bytes == sum(t.padded_nbytes for t in DENSE_T)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -208,3 +211,29 @@ def test_kubernetes_work_never_goes_to_the_builder_by_the_table(feat, text):
 @given(features)
 def test_the_rules_are_a_function_of_the_features_alone(feat):
     assert route(feat) == route(dataclasses.replace(feat))
+
+
+def test_the_worked_example_in_docs_routing_md_does_what_the_doc_says():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "routing.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S)
+                 if b.startswith("routing:"))
+    table = RoutingTable.model_validate(yaml.safe_load(block)["routing"])
+    models = frozenset({"qwen-72b", "coder-14b", "qwen-3b", "llava-7b"})
+    served = models | {"architect", "builder", "operator", "vision"}
+
+    def goes(feat: RequestFeatures) -> tuple[str, str]:
+        c = choose_route(feat, table, model_ids=models, served=served,
+                         task=find_task_type(feat, table))
+        return c.target, c.rule
+
+    assert goes(f("planning")) == ("architect", "task_type:planning")
+    assert goes(f("builder", task_type="audit")) == ("architect", "task_type:audit")
+    assert goes(f("builder", last_user_text="kubectl rollout restart deploy/api")) == \
+        ("operator", "task_type:infra")
+    assert goes(f("builder", last_user_text="write the parser")) == ("builder", "name")
+    assert goes(f("builder", has_images=True)) == ("vision", "content:images")
+    assert goes(f("builder", latency="realtime")) == ("operator", "content:realtime")
+    assert goes(f("operator", prompt_tokens=20000)) == ("architect", "content:long_prompt")
+    assert goes(f("coder-14b", has_images=True)) == ("coder-14b", "override:model")
+    assert goes(f("builder", role_override="architect")) == ("architect", "override:header")
+    assert table.fallbacks["architect"] == ["builder"]

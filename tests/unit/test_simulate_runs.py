@@ -16,7 +16,7 @@ from rolemesh.simulate.report import summarize
 from rolemesh.simulate.routers import POLICIES
 from rolemesh.simulate.trace import SYNTHETIC, log_files, read_access_log, synthetic
 
-EXAMPLE = Path(__file__).parents[2] / "configs" / "simulate" / "three-gpus.yaml"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "simulate" / "three-gpus.yaml"
 
 
 @pytest.fixture(scope="module")

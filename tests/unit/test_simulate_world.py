@@ -150,3 +150,10 @@ def test_models_that_fit_together_stay_side_by_side_under_the_operator_map():
     run = simulate(cluster(mem=5000), "llama-swap",
                    trace((0.0, "ra"), (20.0, "rb"), (40.0, "ra"), (60.0, "rb")))
     assert summarize(run).loads == 2
+
+
+def test_a_policy_that_refuses_work_has_no_finite_p95_over_all_requests():
+    run = simulate(cluster(), "rolemesh", trace((0.0, "ra"), (0.0, "ra"), (0.0, "ra")))
+    s = summarize(run)
+    assert s.p95_s == pytest.approx(21.7)  # the two answered: 16 and 22 s
+    assert s.p95_all_s is None  # one in three never answered

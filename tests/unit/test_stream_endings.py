@@ -8,7 +8,7 @@ import pytest
 
 from rolemesh.errors import InvalidJSON
 from rolemesh.openai_body import parse_request_head
-from rolemesh.proxying import ends_with_error_event, sse_error_event
+from rolemesh.proxying import ends_with_error_event, error_event_code, sse_error_event
 
 
 @pytest.mark.parametrize(("tail", "expected"), [
@@ -35,3 +35,13 @@ def test_the_error_event_is_one_openai_shaped_sse_event():
 def test_json_nested_ten_thousand_deep_is_a_400_not_a_recursion_error():
     with pytest.raises(InvalidJSON):
         parse_request_head(b'{"model": "m", "x": ' + b"[" * 10000 + b"]" * 10000 + b"}")
+
+
+@pytest.mark.parametrize(("tail", "code"), [
+    (b'data: {"choices": []}\n\n' + sse_error_event("x", code="model_switch"), "model_switch"),
+    (sse_error_event("boom"), "upstream_failed"),
+    (b'data: {"error": {"code": 500}}\n\n', None),
+    (b"data: [DONE]\n\n", None),
+])
+def test_the_code_of_a_closing_error_event_is_read(tail, code):
+    assert error_event_code(tail) == code
