@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from node_agent.handlers_ops import LogSource, SlotLogSource
+from node_agent.handlers_ops import LogSource
 from node_agent.metrics import AgentMetrics, parse_timings, queue_of
 
 TIMINGS = {"prompt_n": 5, "prompt_ms": 12.5, "predicted_n": 8, "predicted_ms": 40.0,
@@ -66,7 +66,7 @@ def test_what_the_core_reports_shows_in_the_scrape():
 
 
 class NodeWithLogs:
-    """A node of the coming core: it offers its instances' output itself."""
+    """A node offers its instances' output itself."""
 
     def log_lines(self, device: str, model: str | None) -> list[str] | None:
         return ["line"] if device == "gpu:0" else None
@@ -75,6 +75,6 @@ class NodeWithLogs:
         return None
 
 
-def test_a_node_that_offers_logs_is_a_log_source_and_todays_is_adapted():
+def test_a_node_that_offers_logs_is_a_log_source():
     assert isinstance(NodeWithLogs(), LogSource)
-    assert isinstance(SlotLogSource(object()), LogSource)
+    assert not isinstance(object(), LogSource)
