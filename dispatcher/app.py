@@ -16,6 +16,7 @@ from dispatcher.access_log import AccessLog
 from dispatcher.admin import setup_admin_routes
 from dispatcher.appkeys import DISPATCHER_KEY, Dispatcher
 from dispatcher.auth import auth_middleware
+from dispatcher.buffering import Buffer
 from dispatcher.classifier import Classifier
 from dispatcher.config import DispatcherConfig
 from dispatcher.cooldown import CooldownPolicy
@@ -77,6 +78,9 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
         stream_idle_timeout_s=config.stream_idle_timeout_s,
         cooldown=CooldownPolicy(config.cooldown_after_failures, config.cooldown_s,
                                 config.cooldown_max_s), clock=deps.clock)
+    forwarder.buffer = Buffer(config.max_buffered_requests, config.buffer_timeout_s,
+                              clock=deps.clock)
+    registry.listeners.append(forwarder.buffer.wake)
     app = web.Application(
         middlewares=[request_context_middleware, error_middleware,
                      auth_middleware(config.cluster_token, config.api_keys,

@@ -72,6 +72,11 @@ class DispatcherConfig(StrictModel):
     max_attempts: int = Field(default=3, ge=1, le=16)
     busy_retry_after_s: float = Field(default=1.0, gt=0)
     default_load_s: float = Field(default=5.0, ge=0)
+    # Buffering (dispatcher/buffering.py): while every device that could serve a request
+    # is busy, hold it here (at most this many at once, each at most this long) and place
+    # it the moment one frees; 0 turns it off (503 at once). Ollama queues 512 by default.
+    max_buffered_requests: int = Field(default=512, ge=0)
+    buffer_timeout_s: float = Field(default=300.0, gt=0)
     api_keys: list[str] | None = Field(default=None, repr=False)
     # Keys for operator actions: load, unload, drain, mode (dispatcher/admin.py) and
     # PUT /v1/routing; the cluster token may too. They open the client endpoints as well.

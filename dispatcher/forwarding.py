@@ -28,7 +28,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from dispatcher.access_log import NO_ACCESS_LOG, AccessLog, NoAccessLog
-from dispatcher.buffering import Buffer
+from dispatcher.buffering import Buffer, Holdable, worth_holding
 from dispatcher.cooldown import Avoidance, CooldownPolicy
 from dispatcher.events import EventHub
 from dispatcher.liveness import LivenessWatch
@@ -223,18 +223,19 @@ class Forwarder:
                     return await self._forward_once(
                         request, body, head, resolution, label,
                         buffer.ahead(resolution.name, ticket) if buffer.enabled else 0)
-                except (DeviceBusy, ModelNotReady) as busy:
+                except Holdable as busy:
                     if not buffer.enabled:
-                        raise
+                        raise busy.error from None
                     if ticket is None:
                         ticket = buffer.admit(resolution.name)
                         if ticket is None:
-                            raise  # full: the 503 with Retry-After, at once
-                        log.info("request.held", held=len(buffer), why=busy.code)
-                    if not await buffer.wait(ticket):
+                            raise busy.error from None  # full: the 503 with Retry-After
+                        log.info("request.held", held=len(buffer), why=busy.error.code)
+                    if not await buffer.wait(ticket, busy.retry_after_s or 0.0):
                         raise QueueTimeout(
                             f"{resolution.name!r} waited {buffer.timeout_s:g} s at the "
-                            f"dispatcher and no device could take it: {busy.message}") from busy
+                            f"dispatcher and no device could take it: "
+                            f"{busy.error.message}") from None
         finally:
             if ticket is not None:
                 buffer.release(ticket)
@@ -252,7 +253,10 @@ class Forwarder:
             winner = decision.winner
             if winner is None:
                 if not retries:
-                    raise self.router.error_for(decision, resolution.name)
+                    error = self.router.error_for(decision, resolution.name)
+                    if worth_holding(decision):
+                        raise Holdable(error)
+                    raise error
                 break
             key = (winner.node_id, winner.device_id)
             node = self.registry.node(winner.node_id)
@@ -277,7 +281,11 @@ class Forwarder:
             self.metrics.failover(result.reason)
             log.info("request.failover", node=winner.node_id, device=winner.device_id,
                      reason=result.reason, note=result.note)
-        raise self._exhausted(resolution.name, retries)
+        error = self._exhausted(resolution.name, retries)
+        if isinstance(error, DeviceBusy | ModelNotReady):  # agents said busy: worth a wait
+            raise Holdable(error, max((r.retry_after_s or self.busy_retry_after_s)
+                                      for r in retries if r.reason in FAILOVER_CODES))
+        raise error
 
     def _decide(self, resolution: Resolution, excluded: list[Key],
                 held_ahead: int = 0) -> Decision:

@@ -76,6 +76,7 @@ class RegistrySnapshot:
     own_in_flight: Mapping[Key, int]
     now: float
     own_by_model: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    last_routed: Mapping[Key, float] = field(default_factory=dict)  # when begin() last ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,11 @@ class Registry:
         self._devices: dict[Key, DeviceRecord] = {}
         self._own: dict[Key, int] = {}
         self._own_model: dict[tuple[str, str, str], int] = {}
+        self._last_routed: dict[Key, float] = {}
+        # Called after each change that may free room for a request held at the
+        # dispatcher (dispatcher/buffering.py): a request ended, a report or an answer's
+        # headers told a device's state, a node joined or stopped draining.
+        self.listeners: list[Callable[[], None]] = []
         # Rises whenever nodes, their models or their up/down state change (not per
         # request): caches of what the cluster serves key on it.
         self.version = 0
@@ -124,6 +130,7 @@ class Registry:
         log.info("node.registered", node_id=inventory.node_id, url=inventory.url,
                  devices=[d.device_id for d in inventory.devices],
                  models=[m.model_id for m in inventory.models], again=old is not None)
+        self._changed()
         return self._nodes[inventory.node_id]
 
     def heartbeat(self, beat: HeartbeatRequest) -> bool:
@@ -154,6 +161,7 @@ class Registry:
         if node.state is not NodeState.UP:
             log.info("node.state_changed", node_id=beat.node_id, old=node.state.value,
                      new=NodeState.UP.value, why="heartbeat")
+        self._changed()
         return True
 
     def expire(self) -> list[Change]:
@@ -194,6 +202,7 @@ class Registry:
         if node is not None and node.draining != draining:
             self._nodes[node_id] = replace(node, draining=draining)
             self.version += 1
+            self._changed()
 
     def observe(self, key: Key, residents: tuple[tuple[str, InstanceState], ...],
                 in_flight: int, pending: int) -> None:
@@ -206,6 +215,7 @@ class Registry:
         model_others = record.model_others if others else {}
         self._devices[key] = DeviceRecord(record.status, residents, in_flight, pending,
                                           others, model_others)
+        self._changed()
 
     def expect(self, key: Key, model_id: str) -> None:
         """The dispatcher just sent `model_id` to a device that did not hold it.
@@ -223,8 +233,10 @@ class Registry:
 
     def begin(self, key: Key, model_id: str = "") -> None:
         """The dispatcher sends a request to a placement (a device, or "gpu:0+gpu:1")."""
+        now = self._clock()
         for device_id in key[1].split("+"):
             k = (key[0], device_id)
+            self._last_routed[k] = now
             self._own[k] = self._own.get(k, 0) + 1
             mk = (key[0], device_id, model_id)
             self._own_model[mk] = self._own_model.get(mk, 0) + 1
@@ -243,13 +255,18 @@ class Registry:
                 self._own_model[mk] = left
             else:
                 self._own_model.pop(mk, None)
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     # -- reading -----------------------------------------------------------------------------
 
     def snapshot(self) -> RegistrySnapshot:
         # Shallow copies of three small dicts: the records themselves are immutable.
         return RegistrySnapshot(dict(self._nodes), dict(self._devices), dict(self._own),
-                                self._clock(), dict(self._own_model))
+                                self._clock(), dict(self._own_model), dict(self._last_routed))
 
     def node(self, node_id: str) -> NodeRecord | None:
         return self._nodes.get(node_id)

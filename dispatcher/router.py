@@ -51,12 +51,13 @@ class Router:
             raise ModelNotFound(self._not_served(name))
         return resolution
 
-    def decide(self, resolution: Resolution, exclude: Collection[Key] = ()) -> Decision:
+    def decide(self, resolution: Resolution, exclude: Collection[Key] = (),
+               held_ahead: int = 0) -> Decision:
         if self._memo_version != self.registry.version:  # forget devices that went away
             self._memo.clear()
             self._memo_version = self.registry.version
         views = device_views(self.registry.snapshot(), resolution.node_ids, exclude, self._memo)
-        return choose(resolution.model_ids, views, self.policy)
+        return choose(resolution.model_ids, views, self.policy, held_ahead)
 
     def error_for(self, decision: Decision, name: str) -> RoleMeshError:
         """The error a client gets for a decision without a winner."""

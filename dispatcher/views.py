@@ -13,7 +13,8 @@ ViewMemo = MutableMapping[Key, tuple[NodeRecord, DeviceRecord, int, DeviceView]]
 
 
 def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int,
-                own_by_model: Mapping[tuple[str, str, str], int] | None = None) -> DeviceView:
+                own_by_model: Mapping[tuple[str, str, str], int] | None = None,
+                last_routed: float = 0.0) -> DeviceView:
     """One device as the decision sees it.
 
     Its queue is the dispatcher's own live count plus what the node last reported beyond
@@ -56,7 +57,8 @@ def device_view(node: NodeRecord, record: DeviceRecord, own_in_flight: int,
         pending_limit=status.pending_limit, up=node.state is NodeState.UP,
         recent_requests=node.recent_requests, held=held, sets=node.sets,
         failed=status.failed_models, draining=node.draining,
-        co_residency=node.co_residency, host_available_mb=node.host_memory_available_mb)
+        co_residency=node.co_residency, host_available_mb=node.host_memory_available_mb,
+        last_routed=last_routed)
 
 
 def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],
@@ -84,14 +86,16 @@ def device_views(snapshot: RegistrySnapshot, node_ids: Iterable[str],
             if record is None:
                 continue
             own = own_counts.get(key, 0)
+            routed = snapshot.last_routed.get(key, 0.0)
             if memo is None:
-                views.append(device_view(node, record, own, snapshot.own_by_model))
+                views.append(device_view(node, record, own, snapshot.own_by_model, routed))
                 continue
             hit = memo.get(key)
-            if hit is not None and hit[0] is node and hit[1] is record and hit[2] == own:
+            if hit is not None and hit[0] is node and hit[1] is record and hit[2] == own \
+                    and hit[3].last_routed == routed:
                 views.append(hit[3])
                 continue
-            view = device_view(node, record, own, snapshot.own_by_model)
+            view = device_view(node, record, own, snapshot.own_by_model, routed)
             memo[key] = (node, record, own, view)
             views.append(view)
     return views

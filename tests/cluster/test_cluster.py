@@ -79,6 +79,7 @@ def test_with_every_device_full_the_next_request_gets_503_with_retry_after(
     models = [model_entry("letters", tiny_models["letters"], ["chat"],
                           server_args={"--fake-tokens-per-s": 10})]
     with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
+                       dispatcher_extra={"max_buffered_requests": 0},  # buffering off
                        agent_extra={"max_pending_requests_per_device": 1}) as cluster:
         client = cluster.client()
         ask(client, "chat")

@@ -299,7 +299,10 @@ class RunningDispatcher:
 
 
 def dispatcher_config(**overrides: Any) -> DispatcherConfig:
-    data: dict[str, Any] = {"listen_port": 0, "log_format": "console"}
+    # Buffering off unless a test turns it on (tests/component/test_dispatcher_buffering.py):
+    # a busy fake answers 503 at once, and these tests check that answer.
+    data: dict[str, Any] = {"listen_port": 0, "log_format": "console",
+                            "max_buffered_requests": 0}
     data.update(overrides)
     return DispatcherConfig.model_validate(data)
 
