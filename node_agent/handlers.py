@@ -128,6 +128,9 @@ async def _serve(request: web.Request, node: Node, model: ModelConfig, devices: 
     else:
         inst = await lease.__aenter__()
     try:
+        if inst.process is None:  # its llama-server died between the grant and now
+            raise _ChildGone(inst, f"llama-server for {model.model_id} exited before the "
+                                   "request reached it")
         try:
             upstream = await open_upstream(request.app[HTTP_KEY], inst.base_url + request.path,
                                            body, forward_headers,
