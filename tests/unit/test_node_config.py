@@ -51,7 +51,7 @@ def no_token_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     ("listen_host", "127.0.0.1"),
     ("listen_port", 8081),
     ("heartbeat_interval_s", 5.0),
-    ("max_pending_requests_per_device", 2),
+    ("max_pending_requests_per_device", 4),
     ("llama_server_startup_timeout_s", 30.0),
     ("llama_server_probe_interval_s", 0.5),
     ("llama_server_stop_grace_s", 5.0),
