@@ -78,11 +78,12 @@ class BatteryCluster:
             return []
         return [json.loads(line) for line in path.read_text().splitlines()]
 
-    def live_llama_servers(self) -> list[int]:
-        """Pids of this cluster's llama-servers (from the fake's spawn records) still alive."""
+    def live_llama_servers(self, node_id: str | None = None) -> list[int]:
+        """Pids of this cluster's (or one node's) llama-servers (from the fake's spawn
+        records) still alive."""
         pids = []
-        for node_id in self.agents:
-            for spawn in self.spawns(node_id):
+        for node in [node_id] if node_id is not None else self.agents:
+            for spawn in self.spawns(node):
                 with contextlib.suppress(psutil.Error):
                     if psutil.Process(spawn["pid"]).status() != psutil.STATUS_ZOMBIE:
                         pids.append(spawn["pid"])
