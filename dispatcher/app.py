@@ -49,6 +49,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_post("/v1/nodes/register", handlers.register)
     app.router.add_post("/v1/nodes/heartbeat", handlers.heartbeat)
+    app.router.add_post("/v1/nodes/deregister", handlers.deregister)
     app.router.add_get("/v1/nodes", handlers.list_nodes)
     app.router.add_get("/v1/nodes/{node_id}", handlers.get_node)
     app.router.add_get("/v1/models", handlers.list_models)

@@ -21,7 +21,8 @@ from rolemesh.http import token_matches
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-REGISTRY_PATHS = frozenset({"/v1/nodes/register", "/v1/nodes/heartbeat"})
+REGISTRY_PATHS = frozenset({"/v1/nodes/register", "/v1/nodes/heartbeat",
+                            "/v1/nodes/deregister"})
 # The dashboard's page and files hold no data: what they show comes from the API, with a key.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/", "/routing"})
 OPEN_PREFIXES = ("/ui/",)

@@ -18,6 +18,7 @@ from dispatcher.roles import model_list
 from dispatcher.views import cluster_node, cluster_nodes
 from rolemesh.api import (
     SCHEMA_VERSION,
+    DeregisterRequest,
     HeartbeatRequest,
     HeartbeatResponse,
     NodeState,
@@ -117,6 +118,17 @@ async def heartbeat(request: web.Request) -> web.Response:
     return json_response(HeartbeatResponse(
         accepted=accepted, heartbeat_interval_s=d.config.heartbeat_interval_s
     ).model_dump(mode="json"))
+
+
+async def deregister(request: web.Request) -> web.Response:
+    """A node agent that stops says so (cluster token): it is forgotten at once instead of
+    after its heartbeats go missing, so nothing is routed to it meanwhile."""
+    d = request.app[DISPATCHER_KEY]
+    beat = parse_wire(DeregisterRequest, await read_body(request, d.config.max_body_bytes))
+    gone = d.registry.forget(beat.node_id, why="deregistered")
+    if gone:
+        request.app[EVENTS_KEY].node_gone(beat.node_id, "forgotten", "deregistered")
+    return json_response({"node_id": beat.node_id, "forgotten": gone})
 
 
 async def list_nodes(request: web.Request) -> web.Response:

@@ -184,6 +184,16 @@ class Registry:
             self.version += 1
         return changes
 
+    def forget(self, node_id: str, why: str) -> bool:
+        """A node left on purpose (its agent deregistered as it stopped): forget it now."""
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            return False
+        self._drop_devices(node)
+        self.version += 1
+        log.info("node.forgotten", node_id=node_id, why=why)
+        return True
+
     def mark_down(self, node_id: str, why: str) -> bool:
         """Stop routing to a node now (its agent refused a connection); a heartbeat revives it."""
         node = self._nodes.get(node_id)

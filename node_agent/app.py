@@ -20,7 +20,7 @@ from node_agent.launcher import LlamaLauncher
 from node_agent.metrics import scheduler_listener
 from node_agent.node import ModelFacts, Node
 from node_agent.pidfiles import PidFiles
-from node_agent.registration import run_registration
+from node_agent.registration import deregister, run_registration
 from node_agent.scheduler import NodeScheduler
 from rolemesh.cors import setup_cors
 from rolemesh.errors import Unauthorized
@@ -118,6 +118,7 @@ def build_app(config: NodeAgentConfig, backend: DeviceBackend, facts: dict[str, 
         if registration is not None:
             registration.cancel()
             await asyncio.gather(registration, return_exceptions=True)
+            await deregister(node, http)  # routed nowhere from now on, not after a timeout
         await scheduler.shutdown()
         await http.close()
         backend.close()

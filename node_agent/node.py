@@ -22,6 +22,7 @@ from node_agent.memory_needs import MemoryNeeds
 from node_agent.scheduler import DEFAULT_LOAD_S, Budget, NodeScheduler
 from rolemesh.api import (
     DeviceStatus,
+    InstanceState,
     InstanceStatus,
     MemorySource,
     ModelStatus,
@@ -223,6 +224,18 @@ class Node:
                                                if inst.stop_reason else None),
             last_error=inst.last_error)
 
+    def failed_statuses(self, device_id: str) -> list[InstanceStatus]:
+        """A model that failed there and is backing off shows as a `failed` instance (its
+        failures or restarts so far, its error), charged nothing, until it starts again."""
+        out = []
+        for model_id, devices, count, error, _left in self.scheduler.failed_on(device_id):
+            model = self.config.model(model_id)
+            out.append(InstanceStatus(
+                model_id=model_id, devices=list(devices), state=InstanceState.FAILED,
+                parallel=model.parallel if model else 1, pinned=bool(model and model.pinned),
+                restarts=count, last_error=error))
+        return out
+
     def device_status(self, device_id: str) -> DeviceStatus:
         fig = self.figures()[device_id]
         sched = self.scheduler
@@ -232,7 +245,9 @@ class Node:
             memory_total_mb=fig.memory_total_mb, memory_used_mb=fig.memory_used_mb,
             memory_free_mb=fig.memory_free_mb, utilization_pct=fig.utilization_pct,
             memory_charged_mb=sched.charged_on(device_id),
-            instances=[self.instance_status(i, device_id) for i in sched.instances_on(device_id)],
+            instances=[*(self.instance_status(i, device_id)
+                         for i in sched.instances_on(device_id)),
+                       *self.failed_statuses(device_id)],
             in_flight=in_flight, pending=pending,
             pending_limit=self.config.max_pending_requests_per_device,
             mode=sched.held.get(device_id), failed_models=sched.failed_models(device_id),

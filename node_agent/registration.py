@@ -9,7 +9,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from node_agent.node import Node
-from rolemesh.api import HeartbeatRequest, ModelStatus, RegisterRequest
+from rolemesh.api import DeregisterRequest, HeartbeatRequest, ModelStatus, RegisterRequest
 
 log = structlog.get_logger("node_agent.registration")
 
@@ -105,3 +105,19 @@ async def _heartbeat_until_forgotten(node: Node, http: aiohttp.ClientSession, ba
         if failing:
             log.info("heartbeat.recovered", dispatcher=base)
         failing = False
+
+
+async def deregister(node: Node, http: aiohttp.ClientSession) -> None:
+    """Tell the dispatcher this node is going (on SIGTERM); a failure only costs the node
+    timeout there."""
+    config = node.config
+    assert config.dispatcher_base_url is not None
+    url = config.dispatcher_base_url.rstrip("/") + "/v1/nodes/deregister"
+    try:
+        await _post(http, url, config.cluster_token,
+                    DeregisterRequest(node_id=config.node_id).model_dump_json(), 2.0)
+    except (DispatcherForgotUs, DispatcherRefused, aiohttp.ClientError, TimeoutError,
+            OSError) as exc:
+        log.warning("registration.deregister_failed", error=str(exc) or type(exc).__name__)
+        return
+    log.info("registration.deregistered", dispatcher=config.dispatcher_base_url)

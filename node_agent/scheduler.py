@@ -167,6 +167,21 @@ class NodeScheduler:
                 out[model_id] = round(until - now, 3)
         return out
 
+    def failed_on(self, device_id: str) -> list[tuple[str, tuple[str, ...], int, str, float]]:
+        """Placements on this device whose model failed and has no live instance there:
+        (model, devices, failures or restarts so far, the error, backoff left in s)."""
+        now = self._clock()
+        out = []
+        for key, error in self._failed_error.items():
+            model_id, placement = key.split("@", 1)
+            devices = tuple(placement.split("+"))
+            if device_id not in devices or key in self.instances:
+                continue
+            count = max(self._failures.get(key, 0), self._restarts.get(key, 0))
+            left = max(0.0, self._failed_until.get(key, now) - now)
+            out.append((model_id, devices, count, error, round(left, 3)))
+        return out
+
     def failure_of(self, device_id: str) -> str | None:
         for key, error in self._failed_error.items():
             if device_id in key.split("@", 1)[1].split("+"):

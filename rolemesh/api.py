@@ -161,6 +161,10 @@ class HeartbeatRequest(WireModel):
     recent_stops: list[StopRecord] = Field(default_factory=list)
 
 
+class DeregisterRequest(WireModel):
+    node_id: str
+
+
 class HeartbeatResponse(WireModel):
     accepted: bool  # False when the heartbeat was older than one already seen
     heartbeat_interval_s: float

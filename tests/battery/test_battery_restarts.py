@@ -124,12 +124,10 @@ async def test_sigterm_to_an_agent_lets_its_open_stream_finish_and_stops_its_chi
         assert c.live_llama_servers() == []
 
 
-@pytest.mark.xfail(reason="needs the new agent core: the agent deregisters on SIGTERM",
-                   strict=False)
 async def test_an_agent_stopped_with_sigterm_is_gone_from_the_dispatcher_at_once(
         tmp_path, tiny_models, fake_llama_server_bin):
     with start_battery(tmp_path, fake_llama_server_bin, specs(tiny_models, tmp_path)[:1],
-                       dispatcher_extra={"node_timeout_s": 120.0}) as c:
+                       dispatcher_extra={"node_timeout_s": 120.0, "node_forget_s": 600.0}) as c:
         c.agents["node-a"].proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(c.agents["node-a"].proc.wait, 30) == 0
         # With a 120 s node timeout only a deregistration explains a node no longer up.
