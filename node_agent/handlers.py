@@ -142,7 +142,9 @@ async def _serve(request: web.Request, node: Node, model: ModelConfig, devices: 
         if early is not None and early.response is not None:
             return await early.relay(upstream)
         if stream and upstream.status == 200:
-            return await stream_back(request, upstream, state_headers(node, devices))
+            # A llama-server on loopback that breaks mid-answer has died (or was killed).
+            return await stream_back(request, upstream, state_headers(node, devices),
+                                     broken_code="upstream_crashed")
         data = await read_whole(upstream)
     finally:
         await lease.__aexit__(None, None, None)  # frees the place on every path

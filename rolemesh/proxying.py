@@ -162,7 +162,8 @@ def not_supported_body(body: bytes) -> bytes:
 
 async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
                        extra_headers: Mapping[str, str], *,
-                       idle_timeout_s: float | None = None) -> Relayed:
+                       idle_timeout_s: float | None = None,
+                       broken_code: str = "upstream_failed") -> Relayed:
     """Relay the upstream's body to the client as it arrives; say how it ended.
 
     Returns in every case (the response is prepared, or the client is gone); never raises
@@ -185,8 +186,8 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse,
                 await response.write(sse_error_event(f"{error}; the stream was ended",
                                                      code=code))
             elif end is StreamEnd.BROKEN:
-                code = "upstream_failed"
-                await response.write(sse_error_event(error or "the upstream failed"))
+                code = broken_code
+                await response.write(sse_error_event(error or "the upstream failed", code=code))
             elif ends_with_error_event(tail):
                 end, code = StreamEnd.ERROR_EVENT, error_event_code(tail)
             await response.write_eof()
@@ -248,8 +249,9 @@ async def _finish(upstream: aiohttp.ClientResponse, chunks: AsyncIterator[bytes]
 
 async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse,
                       extra_headers: Mapping[str, str], *,
-                      idle_timeout_s: float | None = None) -> web.StreamResponse:
+                      idle_timeout_s: float | None = None,
+                      broken_code: str = "upstream_failed") -> web.StreamResponse:
     """relay_stream for callers that only need the response."""
     relayed = await relay_stream(request, upstream, extra_headers,
-                                 idle_timeout_s=idle_timeout_s)
+                                 idle_timeout_s=idle_timeout_s, broken_code=broken_code)
     return relayed.response

@@ -92,7 +92,7 @@ async def test_a_crash_mid_stream_ends_the_stream_with_an_error_event(
             raw = await resp.read()
         events = [e for e in raw.split(b"\n\n") if e.strip()]
         last = json.loads(events[-1].removeprefix(b"data: "))
-        assert last["error"]["code"] == "upstream_failed"
+        assert last["error"]["code"] == "upstream_crashed"  # its llama-server died
 
 
 async def test_a_model_that_is_never_ready_gets_503_model_not_ready_after_the_timeout(
