@@ -42,10 +42,12 @@
     scheduleRefresh(0);
   }
 
+  // The dispatcher's verbs take {node, device}; an instance's device is its placement
+  // ("gpu:0+gpu:1" for a model split over a group).
   const unload = (node, device, model) =>
-    act("POST", `/v1/models/${encodeURIComponent(model)}/unload`, { node_id: node, device });
+    act("POST", `/v1/models/${encodeURIComponent(model)}/unload`, { node, device });
   const load = (node, device, model) =>
-    act("POST", `/v1/models/${encodeURIComponent(model)}/load`, { node_id: node, device });
+    act("POST", `/v1/models/${encodeURIComponent(model)}/load`, { node, device });
   const drain = (node, back) =>
     act("POST", `/v1/nodes/${encodeURIComponent(node)}/${back ? "undrain" : "drain"}`, {});
 
@@ -119,7 +121,8 @@
         el("button", { type: "button", onclick: () => showLog(node.node_id, status.device_id,
           inst.model_id) }, "logs"),
         RM.key() ? el("button", { type: "button", "data-testid": "unload",
-          onclick: () => unload(node.node_id, status.device_id, inst.model_id) }, "unload")
+          onclick: () => unload(node.node_id, (inst.devices || [status.device_id]).join("+"),
+            inst.model_id) }, "unload")
           : null));
   }
 
