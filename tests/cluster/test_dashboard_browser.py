@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
-KEY = "sk-dash"
+KEY = "sk-dash"  # a client's key: it reads the page, and may not act
+ADMIN = "adm-dash"  # an operator's key: unload, drain, mode
 
 
 @pytest.fixture
@@ -54,16 +55,18 @@ def browser_page(tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def cluster(tmp_path, tiny_models, fake_llama_server_bin):
+    # One model at a time on its CPU (co_residency off): the second model evicts the first.
     models = [model_entry("letters", tiny_models["letters"], ["chat"]),
               model_entry("digits", tiny_models["digits"], ["coder"])]
     with start_cluster(tmp_path, fake_llama_server_bin, {"node-a": models},
-                       dispatcher_extra={"api_keys": [KEY]}) as c:
+                       dispatcher_extra={"api_keys": [KEY], "admin_keys": [ADMIN]},
+                       agent_extra={"co_residency": False}) as c:
         yield c
 
 
-def open_dashboard(page: Any, url: str) -> None:
+def open_dashboard(page: Any, url: str, key: str = KEY) -> None:
     page.goto(url + "/")
-    page.fill("#key", KEY)
+    page.fill("#key", key)
     page.click("#keyform button")
     page.wait_for_selector("[data-testid=connection].live")
 
@@ -116,7 +119,12 @@ def test_the_unload_button_unloads_the_model_and_shows_any_error(cluster, browse
     page = browser_page
     cluster.client(api_key=KEY).chat.completions.create(
         model="chat", max_tokens=2, messages=[{"role": "user", "content": "x"}])
-    open_dashboard(page, cluster.dispatcher.url)
+    open_dashboard(page, cluster.dispatcher.url)  # a client's key: refused, and it says so
+    page.click("[data-testid=instance][data-model=letters] [data-testid=unload]")
+    page.wait_for_selector("[data-testid=error]:has-text('operator action')")
+    assert page.query_selector("[data-testid=instance][data-model=letters]") is not None
+
+    open_dashboard(page, cluster.dispatcher.url, ADMIN)
     page.click("[data-testid=instance][data-model=letters] [data-testid=unload]")
     page.wait_for_function(
         "() => !document.querySelector('[data-model=letters]') || "
@@ -196,7 +204,7 @@ def xfail_if_missing(page: Any, what: str) -> None:
 
 def test_the_drain_button_drains_the_node(cluster, browser_page):
     page = browser_page
-    open_dashboard(page, cluster.dispatcher.url)
+    open_dashboard(page, cluster.dispatcher.url, ADMIN)
     page.click("[data-testid=node][data-node=node-a] [data-testid=drain]")
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=error]').hidden || "
@@ -208,7 +216,7 @@ def test_the_drain_button_drains_the_node(cluster, browser_page):
 def test_the_mode_toggle_holds_a_set_on_a_device(cluster, browser_page):
     page = browser_page
     page.goto(cluster.dispatcher.url + "/routing")
-    page.fill("#key", KEY)
+    page.fill("#key", ADMIN)
     page.click("#keyform button")
     row = page.wait_for_selector("[data-testid=mode-row]")
     row.query_selector("button").click()  # "auto": no set held
