@@ -403,12 +403,15 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
     best_key: tuple[Any, ...] | None = None
     best_wait = math.inf
     waits_here, wait_svc = 0, 0.0
+    idle_found = False
+    default_svc = policy.default_service_s
+    starting = InstanceState.STARTING
     for d in devices:
         if wanted_set.isdisjoint(d.single_holds):
             continue
         queue = d.in_flight + d.pending
-        if not d.up or d.draining:
-            continue
+        if not d.up or d.draining or (idle_found and queue):
+            continue  # an idle ready copy is found: only another idle one can tie with it
         at_limit = queue >= d.pending_limit
         for r in d.residents:
             model = r.model_id
@@ -426,17 +429,21 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
             room = None if total is None else int(total * margin) - d.charged_mb
             if room is not None and free is not None and free < room:
                 room = free
-            wait, load = loaded_expected(queue, r.state is InstanceState.STARTING, cost,
-                                         policy)
+            # loaded_expected(), inlined: this loop runs per request over every device.
+            svc = cost.service_s if cost.service_s is not None else default_svc
+            expected = queue * svc
+            if r.state is starting:
+                expected += 0.5 * cost.load_s
+            expected = round(expected, 6) if expected else 0.0
             if at_limit:  # waiting for it may beat every copy that takes it now
-                best_wait = min(best_wait, round(wait + load, 6))
+                best_wait = min(best_wait, expected)
                 waits_here += 1
-                wait_svc = service_s(cost, policy)
+                wait_svc = svc
                 continue
-            key = (round(wait + load, 6), queue, d.last_routed, -(room or 0), d.node_id,
-                   d.device_id, model)
+            key = (expected, queue, d.last_routed, -(room or 0), d.node_id, d.device_id, model)
             if best_key is None or key < best_key:
                 best, best_key = (d, r), key
+                idle_found = key[0] == 0.0
     if waits_here and held_ahead:  # the same share of the held ones as in _judge_all
         best_wait += round(held_ahead * wait_svc / waits_here, 6)
     if best is None or best_key is None or (waits_here and best_wait < best_key[0]):
