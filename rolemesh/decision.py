@@ -385,7 +385,7 @@ def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
     return _judge_all(wanted, devices, policy, held_ahead)
 
 
-def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # noqa: PLR0912
+def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # noqa: PLR0912, PLR0915
                      policy: Policy, held_ahead: int = 0) -> Decision | None:
     """Rule 3 without judging every candidate: the common case, kept cheap at scale.
 
