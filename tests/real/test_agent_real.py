@@ -26,10 +26,10 @@ def agent(tmp_path, tiny_models, llama_server_bin):
              "roles": ["coder"], "ctx_size": 256, "threads": 1, "embeddings": True},
         ],
     }
-    before = llama_server_pids()
     with start_service("node_agent", config, tmp_path) as service:
         yield service
-    wait_until_sync(lambda: not (llama_server_pids() - before), timeout_s=10,
+        children = llama_server_pids(under=service.proc.pid)
+    wait_until_sync(lambda: not (llama_server_pids() & children), timeout_s=10,
                     what="no llama-server left after the agent stopped")
 
 

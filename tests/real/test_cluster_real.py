@@ -22,7 +22,6 @@ def test_role_labelled_requests_reach_the_right_real_model_on_the_right_node(
         "host-b": [model_entry("digits", tiny_models["digits"], ["coder"],
                                ctx_size=256, threads=1)],
     }
-    before = llama_server_pids()
     with start_cluster(tmp_path, llama_server_bin, agents,
                        agent_extra={"llama_server_startup_timeout_s": 60}) as cluster:
         client = cluster.client()
@@ -43,5 +42,8 @@ def test_role_labelled_requests_reach_the_right_real_model_on_the_right_node(
             == ["digits"]
         listed = {m.id for m in client.models.list().data}
         assert {"planner", "coder", "letters", "digits"} <= listed
-    wait_until_sync(lambda: not (llama_server_pids() - before), timeout_s=10,
+        children = set().union(*(llama_server_pids(under=a.proc.pid)
+                                 for a in cluster.agents.values()))
+        assert len(children) == 2
+    wait_until_sync(lambda: not (llama_server_pids() & children), timeout_s=10,
                     what="no llama-server left")

@@ -3,7 +3,8 @@
 The build in use serves /v1/rerank, /infill, /v1/messages, /v1/responses, /tokenize and
 /detokenize (docs/api.md). Each is asked for by role; the answer comes from the model that
 carries it and names that model. Tiny test models have no fill-in-the-middle tokens, so
-/infill gets llama-server's own 501, passed through as it is.
+llama-server answers /infill with 501, which the agent turns into the 400 `not_supported`
+it is for a client (a retry cannot help), keeping llama-server's message.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("/v1/responses", "chat", {"input": "hello", "max_output_tokens": 3}, 200),
     ("/tokenize", "chat", {"content": "hi"}, 200),
     ("/detokenize", "chat", {"tokens": [104, 105]}, 200),
-    ("/infill", "chat", {"input_prefix": "ab", "input_suffix": "cd"}, 501),
+    ("/infill", "chat", {"input_prefix": "ab", "input_suffix": "cd"}, 400),
     ("/v1/rerank", "reranker", {"query": "a", "documents": ["b", "c"]}, 200),
 ]
 
@@ -50,6 +51,7 @@ async def test_every_endpoint_of_the_real_llama_server_answers_through_the_dispa
                 assert resp.headers["X-RoleMesh-Node"] == \
                     ("host-a" if expected == "letters" else "host-b")
                 if status != 200:
+                    assert answer["error"]["code"] == "not_supported", answer
                     assert "infill" in answer["error"]["message"].lower(), answer
                 elif path == "/tokenize":
                     assert answer["tokens"] == [104, 105]  # the byte-level tiny vocab
