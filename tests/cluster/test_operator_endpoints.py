@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -206,15 +207,29 @@ def test_the_dashboard_pages_are_served_without_a_key_and_the_api_still_wants_on
     assert get_text(url + "/v1/nodes", token=None)[0] == 401
 
 
-def test_a_node_that_stops_shows_as_a_node_down_event(cluster):
+def test_a_node_that_dies_shows_as_a_node_down_event(cluster):
     reader = EventReader(cluster.dispatcher.url, "sk-1")
     try:
         wait_until_sync(lambda: bool(reader.of_type("snapshot")), what="the snapshot")
-        cluster.agents["node-a"].stop()
+        cluster.agents["node-a"].stop(signal.SIGKILL)  # no word to the dispatcher
         wait_until_sync(lambda: bool(reader.of_type("node.down")), timeout_s=15,
                         what="node.down")
         down = reader.of_type("node.down")[0]
         assert down["node_id"] == "node-a"
         assert down["why"] == "missed heartbeats"
+    finally:
+        reader.close()
+
+
+def test_a_node_that_stops_deregisters_and_is_forgotten_at_once(cluster):
+    reader = EventReader(cluster.dispatcher.url, "sk-1")
+    try:
+        wait_until_sync(lambda: bool(reader.of_type("snapshot")), what="the snapshot")
+        cluster.agents["node-a"].stop()  # SIGTERM
+        wait_until_sync(lambda: bool(reader.of_type("node.forgotten")), timeout_s=15,
+                        what="node.forgotten")
+        gone = reader.of_type("node.forgotten")[0]
+        assert gone["node_id"] == "node-a" and gone["why"] == "deregistered"
+        assert not reader.of_type("node.down")
     finally:
         reader.close()
