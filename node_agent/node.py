@@ -410,8 +410,11 @@ class Node:
             return model, tuple(decision.winner.device_id.split("+"))
         match decision.outcome:
             case Outcome.FITS_NOWHERE:
-                raise ModelDoesNotFit(f"{decision.explain()} (after the "
-                                      f"{self.config.memory_safety_margin:g} safety margin)")
+                margin = self.config.memory_safety_margin
+                usable = (int(decision.largest_device_mb * margin)
+                          if decision.largest_device_mb is not None else None)
+                raise ModelDoesNotFit(f"{decision.explain()}: {usable} MB usable after the "
+                                      f"{margin:g} safety margin")
             case Outcome.ALL_BUSY:
                 raise DeviceBusy(decision.explain(),
                                  retry_after_s=decision.retry_after_s or 1.0)

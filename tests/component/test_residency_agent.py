@@ -50,3 +50,18 @@ async def test_a_stream_that_waits_for_a_load_gets_loading_comments_then_its_ans
         data = [line for line in lines if line.startswith("data: ")]
         assert data[-1] == "data: [DONE]" and len(data) > 2
         assert not any('"error"' in line for line in data)
+
+
+async def test_a_model_too_big_for_every_device_is_a_422_naming_the_usable_memory(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    config = agent_config(tmp_path, [{"model_id": "huge", "path": str(tiny_models["letters"]),
+                                      "roles": ["chat"], "memory_mb": 20_000}])
+    async with running_agent(config, fake_llama_server_bin, gpus_mb=[8000]) as agent, \
+            aiohttp.ClientSession() as s:
+        async with s.post(agent.url + "/v1/chat/completions", json=chat("chat")) as resp:
+            body = await resp.json()
+        assert resp.status == 422
+        assert body["error"]["code"] == "model_does_not_fit"
+        assert "20000 MB" in body["error"]["message"]
+        assert "7200 MB usable after the 0.9 safety margin" in body["error"]["message"]
+        assert agent.started == []  # nothing was loaded for it
