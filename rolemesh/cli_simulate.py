@@ -52,12 +52,13 @@ policies (--policy): rolemesh (its real choose() and the node agent's own per-de
 reading the table: one row per trace and policy; with several seeds each cell is
   "median (min-max)". loads: model loads; load GPU-s: device time spent loading;
   p50/p95/p99 s: latency from the first attempt to the last token of answered requests;
-  TTFT: to the first token; rejected: a 503 after the client's retries; timed out: still
-  queued after the agent's queue timeout. Rejected and timed-out requests are not in the
-  percentiles: read them together, or read "p95 all s", the p95 over every request with
-  the unanswered ones as never answered (inf when over 5 %). The second table gives
-  RoleMesh's figures as ratios against the operator map and the floor (below 1x: RoleMesh
-  is better).
+  TTFT: to the first token; rejected: a 503 after the client's retries (for rolemesh:
+  past the dispatcher's max_buffered_requests); timed out: still queued after the agent's
+  queue timeout, or held at the dispatcher past its buffer_timeout_s. Rejected and
+  timed-out requests are not in the percentiles: read them together, or read "p95 all
+  s", the p95 over every request with the unanswered ones as never answered (inf when
+  over 5 %). The second table gives RoleMesh's figures as ratios against the operator map
+  and the floor (below 1x: RoleMesh is better).
 
 examples:
   rolemesh simulate --cluster examples/simulate/three-gpus.yaml --trace all --seeds 1 2 3
