@@ -396,7 +396,18 @@ class Node:
                 raise UnknownDevice(f"X-RoleMesh-Device {device_id!r} is not a device of node "
                                     f"{self.config.node_id!r} ({', '.join(self.device_ids)})")
             views = [v for v in views if v.device_id in wanted]
-        return choose([m.model_id for m in models], views, self._policy)
+        ids = [m.model_id for m in models]
+        decision = choose(ids, views, self._policy)
+        if decision.winner is None and decision.waits_for is not None:
+            # The dispatcher would hold the request for a copy at its limit; an agent has
+            # no such buffer: its best placement with room left takes it (loading there,
+            # or queueing behind a switch its scheduler bounds) rather than a 503.
+            free = [v for v in views if v.queue < v.pending_limit]
+            if free:
+                fallback = choose(ids, free, self._policy)
+                if fallback.winner is not None:
+                    return fallback
+        return decision
 
     def pick(self, name: str, device_id: str | None = None,
              model_id: str | None = None) -> tuple[ModelConfig, tuple[str, ...]]:
