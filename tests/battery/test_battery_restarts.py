@@ -10,7 +10,6 @@ import signal
 
 import aiohttp
 import psutil
-import pytest
 
 from tests.battery.harness import (
     HEARTBEAT_S,

@@ -229,7 +229,8 @@ def test_a_node_that_stops_deregisters_and_is_forgotten_at_once(cluster):
         wait_until_sync(lambda: bool(reader.of_type("node.forgotten")), timeout_s=15,
                         what="node.forgotten")
         gone = reader.of_type("node.forgotten")[0]
-        assert gone["node_id"] == "node-a" and gone["why"] == "deregistered"
+        assert gone["node_id"] == "node-a"
+        assert gone["why"] == "deregistered"
         assert not reader.of_type("node.down")
     finally:
         reader.close()

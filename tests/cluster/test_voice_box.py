@@ -148,7 +148,8 @@ def test_load_unload_drain_and_undrain_through_the_api_and_the_cli(tmp_path, fak
         wait_until_sync(lambda: not set().union(*resident(dispatcher).values()),
                         what="unloaded")
         stops = nodes(dispatcher)["voice"]["recent_stops"]
-        assert stops[-1]["model_id"] == "think-small" and stops[-1]["reason"] == "unload"
+        assert stops[-1]["model_id"] == "think-small"
+        assert stops[-1]["reason"] == "unload"
 
         ask(dispatcher, "chat")
         done = rolemesh(dispatcher, "drain", "voice")
@@ -167,7 +168,8 @@ def test_load_unload_drain_and_undrain_through_the_api_and_the_cli(tmp_path, fak
         refused_cli = subprocess.run(
             [sys.executable, "-m", "rolemesh.cli", "--url", dispatcher.url, "unload", "chat-small"],
             capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
-        assert refused_cli.returncode != 0 and "401" in refused_cli.stderr
+        assert refused_cli.returncode != 0
+        assert "401" in refused_cli.stderr
 
 
 def test_a_ttl_unload_fires_with_no_traffic_and_says_why(tmp_path, fake, tiny_models):
@@ -176,4 +178,5 @@ def test_a_ttl_unload_fires_with_no_traffic_and_says_why(tmp_path, fake, tiny_mo
         wait_until_sync(lambda: not set().union(*resident(dispatcher).values()),
                         timeout_s=15, what="TTL unload")
         stops = nodes(dispatcher)["voice"]["recent_stops"]
-        assert stops[-1]["model_id"] == "chat-small" and stops[-1]["reason"] == "ttl"
+        assert stops[-1]["model_id"] == "chat-small"
+        assert stops[-1]["reason"] == "ttl"

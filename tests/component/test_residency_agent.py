@@ -21,13 +21,15 @@ async def test_a_pinned_model_is_loaded_at_start_and_comes_back_after_it_is_kill
     async with running_agent(config, fake_llama_server_bin) as agent:
         await wait_until(lambda: agent.residents() == {"embed": "ready"}, what="pinned loaded")
         first = agent.instance("embed")
-        assert first is not None and first.process is not None
+        assert first is not None
+        assert first.process is not None
         os.kill(first.process.pid, signal.SIGKILL)
         await wait_until(lambda: (i := agent.instance("embed")) is not None
                          and i is not first and i.state.value == "ready", what="restarted")
         (status,) = [i for i in agent.node.device_status("gpu:0").instances
                      if i.model_id == "embed"]
-        assert status.restarts == 1 and status.pinned
+        assert status.restarts == 1
+        assert status.pinned
         assert ("embed", "crash", "exit code -9") in agent.stops()
         # Started at start-up, then again by itself after the kill: nobody had to ask.
         assert [i.model_id for i in agent.started] == ["embed", "embed"]
@@ -48,7 +50,8 @@ async def test_a_stream_that_waits_for_a_load_gets_loading_comments_then_its_ans
         lines = [line for line in body.splitlines() if line]
         assert lines[0].startswith(": loading slow, ")  # before any data
         data = [line for line in lines if line.startswith("data: ")]
-        assert data[-1] == "data: [DONE]" and len(data) > 2
+        assert data[-1] == "data: [DONE]"
+        assert len(data) > 2
         assert not any('"error"' in line for line in data)
 
 

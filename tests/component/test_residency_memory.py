@@ -38,7 +38,7 @@ class MeasuringNvml:
         return llama_server_pids()
 
     def process_memory_bytes(self, index: int) -> dict[int, int]:
-        return {pid: 3072 * MB for pid in self.processes()}
+        return dict.fromkeys(self.processes(), 3072 * MB)
 
 
 async def test_the_measured_gpu_figure_replaces_the_estimate_and_is_kept(
@@ -49,15 +49,18 @@ async def test_the_measured_gpu_figure_replaces_the_estimate_and_is_kept(
     async with running_agent(config, fake_llama_server_bin, backend=backend) as agent, \
             aiohttp.ClientSession() as s:
         before = {m.model_id: m for m in agent.node.model_statuses()}["letters-1"]
-        assert before.memory_source == "estimated" and before.memory_need_mb < 3072
+        assert before.memory_source == "estimated"
+        assert before.memory_need_mb < 3072
         status, _, _ = await post_chat(s, agent.url, "chat")
         assert status == 200
         (inst,) = agent.node.device_status("gpu:0").instances
         assert inst.memory_source == "measured"
-        assert inst.memory_measured_mb == 3072 and inst.memory_charged_mb == 3072
+        assert inst.memory_measured_mb == 3072
+        assert inst.memory_charged_mb == 3072
         assert inst.memory_estimated_mb == before.memory_need_mb
         after = {m.model_id: m for m in agent.node.model_statuses()}["letters-1"]
-        assert after.memory_source == "measured" and after.memory_need_mb == 3072
+        assert after.memory_source == "measured"
+        assert after.memory_need_mb == 3072
         metrics = await (await s.get(agent.url + "/metrics")).text()
         assert 'rolemesh_agent_memory_estimate_error_ratio{device="gpu:0",model="letters-1"}' \
             in metrics
@@ -66,4 +69,5 @@ async def test_the_measured_gpu_figure_replaces_the_estimate_and_is_kept(
     async with running_agent(again, fake_llama_server_bin,
                              backend=CudaBackend(MeasuringNvml())) as agent:
         kept = {m.model_id: m for m in agent.node.model_statuses()}["letters-1"]
-        assert kept.memory_source == "measured" and kept.memory_need_mb == 3072
+        assert kept.memory_source == "measured"
+        assert kept.memory_need_mb == 3072

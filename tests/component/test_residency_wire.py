@@ -27,7 +27,8 @@ async def test_an_agent_speaking_schema_1_is_refused_by_version_not_by_its_field
         beat = {"schema_version": 1, "node_id": "old", "seq": 2, "devices": []}
         async with s.post(d.url + "/v1/nodes/heartbeat", data=json.dumps(beat)) as resp:
             body = await resp.json()
-        assert resp.status == 400 and "schema_version 1" in body["error"]["message"]
+        assert resp.status == 400
+        assert "schema_version 1" in body["error"]["message"]
         async with s.get(d.url + "/v1/nodes") as resp:
             assert (await resp.json())["data"] == []
 

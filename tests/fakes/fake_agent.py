@@ -201,7 +201,7 @@ class FakeAgent:
             error_body(message, "server_error" if status >= 500 else "invalid_request_error",
                        code)).encode(), content_type="application/json", headers=extra)
 
-    async def _openai(self, request: web.Request) -> web.StreamResponse:
+    async def _openai(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0912 - one branch per fault knob
         body = await request.json()
         self.seen.append(Seen(
             path=request.path, body=body, device=request.headers.get(headers.DEVICE),

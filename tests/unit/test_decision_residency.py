@@ -45,7 +45,8 @@ def dev(device_id: str = "gpu:0", *, node: str = "a", total: int = 24_000,
 
 def where(models: Sequence[str], devices: Sequence[DeviceView]) -> tuple[str, str, Action]:
     d = choose(models, devices)
-    assert d.winner is not None and d.action is not None, d.explain()
+    assert d.winner is not None, d.explain()
+    assert d.action is not None, d.explain()
     return (f"{d.winner.node_id}/{d.winner.device_id}", d.winner.model_id, d.action)
 
 
@@ -56,7 +57,9 @@ def test_a_model_resident_beside_others_is_used_and_nothing_loads():
 
 def test_a_model_that_fits_beside_residents_loads_there_without_evicting():
     d = choose(["think"], [dev(residents=[r("chat")])])
-    assert d.action is Action.LOAD_BESIDE and d.winner is not None and d.winner.evicts == ()
+    assert d.action is Action.LOAD_BESIDE
+    assert d.winner is not None
+    assert d.winner.evicts == ()
 
 
 def test_best_fit_keeps_the_big_device_free_for_what_only_it_can_hold():
@@ -74,30 +77,36 @@ def test_when_nothing_fits_the_cheapest_idle_set_is_evicted_and_named():
     devices = [dev(total=24_000, residents=[r("chat"), r("think")],
                    recent={"chat": 10, "think": 1})]
     d = choose(["coder"], devices)
-    assert d.action is Action.EVICT and d.winner is not None
+    assert d.action is Action.EVICT
+    assert d.winner is not None
     assert d.winner.evicts == ("chat", "think")  # 18,000 needs both gone on 21,600 usable
     assert d.winner.eviction_cost == 10 * 2.0 + 1 * 4.0
 
 
 def test_a_busy_resident_is_never_evicted_the_request_waits_behind_it():
     d = choose(["coder"], [dev(residents=[r("think", busy=1)], queue=1)])
-    assert d.action is Action.SWITCH_AFTER_QUEUE and d.winner is not None
-    assert d.winner.reason is Reason.SWITCH_AFTER_QUEUE and d.winner.evicts == ("think",)
+    assert d.action is Action.SWITCH_AFTER_QUEUE
+    assert d.winner is not None
+    assert d.winner.reason is Reason.SWITCH_AFTER_QUEUE
+    assert d.winner.evicts == ("think",)
 
 
 def test_pinned_residents_leave_no_room_and_the_verdict_says_so():
     d = choose(["coder"], [dev(total=20_000, residents=[r("embed")])])
     assert d.outcome is Outcome.ALL_BUSY
     (v,) = d.verdicts
-    assert v.reason is Reason.NO_ROOM and "pinned" in (v.note or "")
+    assert v.reason is Reason.NO_ROOM
+    assert "pinned" in (v.note or "")
 
 
 def test_a_group_model_is_placed_on_its_whole_group_as_one_unit():
     devices = [dev("gpu:0", total=12_000, residents=[r("chat")]),
                dev("gpu:1", total=12_000, residents=[r("think")])]
     d = choose(["big"], devices)
-    assert d.winner is not None and d.winner.device_id == "gpu:0+gpu:1"
-    assert d.action is Action.EVICT and d.winner.evicts == ("chat", "think")
+    assert d.winner is not None
+    assert d.winner.device_id == "gpu:0+gpu:1"
+    assert d.action is Action.EVICT
+    assert d.winner.evicts == ("chat", "think")
 
 
 def test_a_group_instance_resident_on_both_gpus_is_used():
@@ -110,7 +119,8 @@ def test_a_group_instance_resident_on_both_gpus_is_used():
 def test_a_device_held_for_another_set_is_not_a_candidate():
     devices = [dev("gpu:0", held=frozenset({"think"})), dev("gpu:1", node="b")]
     d = choose(["chat"], devices)
-    assert d.winner is not None and d.winner.node_id == "b"
+    assert d.winner is not None
+    assert d.winner.node_id == "b"
     held = [v for v in d.verdicts if v.node_id == "a"]
     assert held[0].reason is Reason.HELD_FOR_SET
 
@@ -119,12 +129,14 @@ def test_a_model_that_failed_to_load_is_avoided_during_its_backoff():
     devices = [dev("gpu:0", failed={"chat": 4.0}), dev("gpu:1", node="b", total=8_000)]
     assert where(["chat"], devices)[0] == "b/gpu:1"
     d = choose(["chat"], [dev("gpu:0", failed={"chat": 4.0})])
-    assert d.outcome is Outcome.ALL_BUSY and d.verdicts[0].reason is Reason.RECENTLY_FAILED
+    assert d.outcome is Outcome.ALL_BUSY
+    assert d.verdicts[0].reason is Reason.RECENTLY_FAILED
 
 
 def test_a_draining_node_gets_nothing_new():
     d = choose(["chat"], [dev(residents=[r("chat")], draining=True)])
-    assert d.outcome is Outcome.ALL_BUSY and d.verdicts[0].reason is Reason.NODE_DRAINING
+    assert d.outcome is Outcome.ALL_BUSY
+    assert d.verdicts[0].reason is Reason.NODE_DRAINING
 
 
 def test_an_exclusive_resident_must_leave_for_a_model_that_would_fit_beside_it():
@@ -133,12 +145,16 @@ def test_an_exclusive_resident_must_leave_for_a_model_that_would_fit_beside_it()
                dev("gpu:1", total=12_000, residents=[r("big", share=10_000,
                                                       devices=("gpu:0", "gpu:1"))])]
     d = choose(["chat"], devices)
-    assert d.action is Action.EVICT and d.winner is not None and d.winner.evicts == ("big",)
+    assert d.action is Action.EVICT
+    assert d.winner is not None
+    assert d.winner.evicts == ("big",)
 
 
 def test_with_co_residency_off_a_second_model_is_a_switch():
     d = choose(["chat"], [dev(residents=[r("think")], co_residency=False)])
-    assert d.action is Action.EVICT and d.winner is not None and d.winner.evicts == ("think",)
+    assert d.action is Action.EVICT
+    assert d.winner is not None
+    assert d.winner.evicts == ("think",)
 
 
 def test_a_copy_elsewhere_makes_evicting_this_one_free():
@@ -146,7 +162,9 @@ def test_a_copy_elsewhere_makes_evicting_this_one_free():
                dev("gpu:0", node="b", residents=[r("think")], recent={"think": 50}, queue=3,
                    limit=3)]
     d = choose(["coder"], devices)
-    assert d.winner is not None and d.winner.node_id == "a" and d.winner.eviction_cost == 0.0
+    assert d.winner is not None
+    assert d.winner.node_id == "a"
+    assert d.winner.eviction_cost == 0.0
 
 
 # -- invariants over generated clusters ------------------------------------------------------
@@ -188,7 +206,8 @@ def test_the_winner_is_eligible_never_evicts_busy_or_pinned_and_order_does_not_m
     assert chosen == d.winner
     view = next(v for v in devices if (v.node_id, v.device_id) == (chosen.node_id,
                                                                     chosen.device_id))
-    assert view.up and view.queue < view.pending_limit
+    assert view.up
+    assert view.queue < view.pending_limit
     resident = {x.model_id: x for x in view.residents}
     if d.action is Action.EVICT:
         assert all(not resident[m].busy and not resident[m].pinned for m in chosen.evicts)
@@ -206,9 +225,11 @@ def test_a_placement_whose_host_ram_part_does_not_fit_is_refused_unless_paging_i
     d = choose(["moe"], [node])
     assert d.outcome is Outcome.ALL_BUSY
     (v,) = d.verdicts
-    assert v.reason is Reason.HOST_MEMORY_SHORT and "139408" in (v.note or "")
+    assert v.reason is Reason.HOST_MEMORY_SHORT
+    assert "139408" in (v.note or "")
     paging = {"moe": ModelCost(6_400, 60.0, host_need_mb=139_408, allow_disk_paging=True)}
     d = choose(["moe"], [DeviceView(node_id="a", device_id="gpu:0", servable=paging,
                                     memory_total_mb=24_000, host_available_mb=40_000)])
-    assert d.action is Action.LOAD_ON_EMPTY and d.winner is not None
+    assert d.action is Action.LOAD_ON_EMPTY
+    assert d.winner is not None
     assert "disk" in (d.winner.note or "")

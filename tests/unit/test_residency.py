@@ -23,52 +23,64 @@ def room_for(need: int, residents: list[Resident], rooms: dict[str, Room] | None
 
 def test_a_model_that_fits_beside_the_residents_starts_at_once():
     plan = room_for(8_000, [res("a", 6_000), res("b", 6_000, busy=True)])
-    assert isinstance(plan, RoomPlan) and plan.immediate and plan.evict == ()
+    assert isinstance(plan, RoomPlan)
+    assert plan.immediate
+    assert plan.evict == ()
 
 
 def test_the_cheapest_idle_resident_goes_not_the_biggest():
     plan = room_for(12_000, [res("a", 8_000, cost=50.0), res("b", 8_000, cost=5.0)])
     assert isinstance(plan, RoomPlan)
-    assert plan.evict == ("b",) and plan.cost == 5.0 and not plan.waits_for_busy
+    assert plan.evict == ("b",)
+    assert plan.cost == 5.0
+    assert not plan.waits_for_busy
 
 
 def test_the_cheapest_set_can_be_two_cheap_models_instead_of_one_dear_one():
     residents = [res("dear", 12_000, cost=100.0), res("c1", 5_000, cost=1.0),
                  res("c2", 4_000, cost=1.0)]
     plan = room_for(9_000, residents)
-    assert isinstance(plan, RoomPlan) and plan.evict == ("c1", "c2")
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("c1", "c2")
 
 
 def test_an_idle_set_is_preferred_to_a_cheaper_busy_one():
     plan = room_for(11_000, [res("busy", 10_000, busy=True, cost=0.0),
                              res("idle", 10_000, cost=99.0)])
-    assert isinstance(plan, RoomPlan) and plan.evict == ("idle",) and not plan.waits_for_busy
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("idle",)
+    assert not plan.waits_for_busy
 
 
 def test_when_only_busy_residents_can_make_room_the_plan_says_it_must_wait():
     plan = room_for(12_000, [res("busy", 12_000, busy=True)])
-    assert isinstance(plan, RoomPlan) and plan.evict == ("busy",) and plan.waits_for_busy
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("busy",)
+    assert plan.waits_for_busy
 
 
 def test_pinned_residents_are_never_evicted():
     result = room_for(12_000, [res("pin", 12_000, pinned=True)])
-    assert isinstance(result, NoRoom) and "pinned" in result.why or "only" in result.why
+    assert (isinstance(result, NoRoom) and "pinned" in result.why) or "only" in result.why
 
 
 def test_a_model_bigger_than_the_device_gets_no_room_with_the_sizes_in_the_reason():
     result = room_for(30_000, [])
-    assert isinstance(result, NoRoom) and "21600 MB usable" in result.why
+    assert isinstance(result, NoRoom)
+    assert "21600 MB usable" in result.why
 
 
 def test_an_exclusive_target_evicts_everything_on_its_device():
     plan = make_room(Target("big", {"gpu:0": 2_000}, exclusive=True), GPU,
                      [res("a", 1_000), res("b", 1_000)])
-    assert isinstance(plan, RoomPlan) and plan.evict == ("a", "b")
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("a", "b")
 
 
 def test_an_exclusive_resident_leaves_for_anything_else():
     plan = room_for(1_000, [res("alone", 1_000, exclusive=True)])
-    assert isinstance(plan, RoomPlan) and plan.evict == ("alone",)
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("alone",)
 
 
 def test_with_sets_a_device_holds_a_subset_of_one_set_and_the_cheapest_set_wins():
@@ -76,16 +88,20 @@ def test_with_sets_a_device_holds_a_subset_of_one_set_and_the_cheapest_set_wins(
     residents = [Resident("chat", "chat", {"gpu:0": 1_000}, cost=10.0),
                  Resident("think", "think", {"gpu:0": 1_000}, cost=10.0)]
     plan = make_room(Target("new", {"gpu:0": 1_000}), GPU, residents, sets)
-    assert isinstance(plan, RoomPlan) and plan.immediate and plan.set_name == "voice"
+    assert isinstance(plan, RoomPlan)
+    assert plan.immediate
+    assert plan.set_name == "voice"
     # A model in no set runs alone.
     plan = make_room(Target("loner", {"gpu:0": 1_000}), GPU, residents, sets)
-    assert isinstance(plan, RoomPlan) and plan.evict == ("chat", "think")
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("chat", "think")
 
 
 def test_a_held_device_refuses_models_outside_its_set():
     result = make_room(Target("other", {"gpu:0": 1_000}), GPU, [], None,
                        {"gpu:0": frozenset({"architect"})})
-    assert isinstance(result, NoRoom) and "held" in result.why
+    assert isinstance(result, NoRoom)
+    assert "held" in result.why
 
 
 def test_a_group_target_needs_room_on_every_device_of_the_group():
@@ -94,7 +110,8 @@ def test_a_group_target_needs_room_on_every_device_of_the_group():
     assert need == {"gpu:0": 10_000, "gpu:1": 10_000}
     residents = [res("chat", 4_000, device="gpu:0"), res("think", 5_000, device="gpu:1")]
     plan = make_room(Target("big", need), rooms, residents)
-    assert isinstance(plan, RoomPlan) and plan.evict == ("chat", "think")
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("chat", "think")
 
 
 def test_a_tensor_split_leans_the_charge_on_the_device_with_more_weight():
@@ -104,7 +121,9 @@ def test_a_tensor_split_leans_the_charge_on_the_device_with_more_weight():
 
 def test_room_still_held_by_a_resident_on_its_way_out_means_waiting_not_evicting():
     plan = room_for(12_000, [res("leaving", 12_000, leaving=True)])
-    assert isinstance(plan, RoomPlan) and plan.evict == () and plan.waits_for_leaving
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ()
+    assert plan.waits_for_leaving
     assert not plan.immediate
 
 
@@ -113,12 +132,14 @@ def test_the_backend_reporting_less_free_memory_than_the_budget_limits_the_room(
     result = room_for(8_000, [], rooms)
     assert isinstance(result, NoRoom)
     plan = room_for(8_000, [res("a", 4_000)], rooms)  # a's memory comes back when it goes
-    assert isinstance(plan, RoomPlan) and plan.evict == ("a",)
+    assert isinstance(plan, RoomPlan)
+    assert plan.evict == ("a",)
 
 
 def test_an_unknown_total_fits_anything():
     plan = room_for(10**9, [], {"gpu:0": Room(None)})
-    assert isinstance(plan, RoomPlan) and plan.immediate
+    assert isinstance(plan, RoomPlan)
+    assert plan.immediate
 
 
 # -- invariants over generated devices -------------------------------------------------------
@@ -170,5 +191,6 @@ def test_many_residents_still_get_a_cover(n):
     residents = [res(f"m{i}", 2_000, cost=float(i)) for i in range(n)]
     rooms = {"gpu:0": Room(2_000 * n, 1.0)}
     plan = make_room(Target("new", {"gpu:0": 5_000}), rooms, residents)
-    assert isinstance(plan, RoomPlan) and len(plan.evict) == 3
+    assert isinstance(plan, RoomPlan)
+    assert len(plan.evict) == 3
     assert set(plan.evict) == {"m0", "m1", "m2"}

@@ -283,5 +283,6 @@ async def test_a_pinned_model_that_started_on_the_cpu_moves_to_the_gpu_once_it_h
     await busy
     await s.unload("filler")  # the GPU has room again: embed moves back by itself
     await async_wait_until(lambda: set(s.instances) == {"embed@gpu:0"})
-    assert s.stops[-1].reason is StopReason.MOVED and s.stops[-1].detail == "gpu:0"
+    assert s.stops[-1].reason is StopReason.MOVED
+    assert s.stops[-1].detail == "gpu:0"
     await s.shutdown()
