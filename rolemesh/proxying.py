@@ -41,6 +41,7 @@ TAIL_BYTES = 4096  # enough of a stream's end to find its last event
 # on another connection is safe. A refused connection (ClientConnectorError, a subclass)
 # is not stale: the upstream is gone.
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+STALE_RETRIES = 4
 # An OpenAI stream's last event. The answer is complete once it is relayed: OpenAI's SDK
 # closes the connection as soon as it reads it, often before the upstream's own end of
 # body arrives, so the relay ends the client's stream there and reads the upstream's last
@@ -104,10 +105,12 @@ async def open_upstream(http: aiohttp.ClientSession, url: str, body: bytes,
                         timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
     """POST and wait for the status line; connection failures become UpstreamFailed.
 
-    A stale pooled connection (see STALE_CONNECTION) is retried once: the failed one is
-    dropped from the pool, so the retry goes out on another.
+    A stale pooled connection (see STALE_CONNECTION) is retried: the failed one is dropped
+    from the pool, so the retry goes out on another; the pool may hold more than one dead
+    connection after a burst of streams (llama-server closes each after its answer), hence
+    up to STALE_RETRIES tries before the request is given up.
     """
-    for attempt in (1, 2):
+    for attempt in range(1, STALE_RETRIES + 1):
         try:
             return await http.post(url, data=body, headers=headers, timeout=timeout)
         except TimeoutError as exc:
@@ -115,7 +118,7 @@ async def open_upstream(http: aiohttp.ClientSession, url: str, body: bytes,
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamFailed(f"the upstream failed before answering: {exc}") from exc
         except STALE_CONNECTION as exc:
-            if attempt == 2:
+            if attempt == STALE_RETRIES:
                 raise UpstreamFailed(f"the upstream failed before answering: {exc}") from exc
             log.debug("upstream.stale_connection_retried", error=repr(exc))
         except aiohttp.ClientError as exc:

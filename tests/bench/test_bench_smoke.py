@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def test_scale_times_the_decision_and_a_dispatcher_under_heartbeats() -> None:
     rows = data["decision"]["rows"]
     assert [r["devices"] for r in rows] == [10, 100, 400]
     assert all(r["choose_p50_us"] > 0 and r["outcome"] == "routed" for r in rows)
-    assert data["decision"]["exponent"]["choose"] > 0
+    # Reported, not judged: its sign at tiny sizes is noise (no timing assertions here).
+    assert math.isfinite(data["decision"]["exponent"]["choose"])
     beats = data["dispatcher"]["heartbeat"]
     assert beats["sent"] > 0
     assert beats["errors"] == 0
