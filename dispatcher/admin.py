@@ -8,7 +8,6 @@ before the agent's next heartbeat says so. Callers need the cluster token or an 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import aiohttp
@@ -27,7 +26,7 @@ from rolemesh.errors import (
     Unauthorized,
     UpstreamFailed,
 )
-from rolemesh.http import json_response, read_body, token_matches
+from rolemesh.http import json_response, read_json_object, token_matches
 
 log = structlog.get_logger("dispatcher.admin")
 ADMIN_TIMEOUT_S = 600.0  # a load waits for the model to be ready
@@ -45,15 +44,7 @@ def require_admin(request: web.Request, d: Dispatcher) -> None:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await read_body(request, 64 * 1024)
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
+    data = await read_json_object(request)
     if data.get("device") and not data.get("node") and "set" not in data:
         raise BadRequest("'device' names a device of a node: name the node too")
     for field in ("node", "device", "set"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 import aiohttp
@@ -20,7 +19,7 @@ from rolemesh import headers
 from rolemesh.api import InstanceState, OpenAIModel, OpenAIModelList
 from rolemesh.decision_render import render_decision
 from rolemesh.errors import BadRequest, ModelNotFound, RoleMeshError, UpstreamFailed
-from rolemesh.http import json_response, read_body, request_id_of
+from rolemesh.http import json_response, read_body, read_json_object, request_id_of
 from rolemesh.openai_body import parse_request_head
 from rolemesh.proxying import buffered_response, open_upstream, read_whole, stream_back
 
@@ -160,19 +159,6 @@ def _refused(exc: UpstreamFailed) -> bool:
 # -- admin verbs: load, unload, drain, mode ------------------------------------------------
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await read_body(request, 64 * 1024)
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return data
-
-
 def _model_named(node: Node, model_id: str) -> ModelConfig:
     model = node.config.model(model_id)
     if model is None:
@@ -194,7 +180,7 @@ def _device_of(node: Node, model: ModelConfig, data: dict[str, Any]) -> tuple[st
 async def load_model(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     model = _model_named(node, request.match_info["model"])
-    data = await _json_body(request)
+    data = await read_json_object(request)
     inst = await node.scheduler.load(model, _device_of(node, model, data))
     return json_response({"loaded": True, "node_id": node.config.node_id,
                           **node.instance_status(inst, inst.devices[0]).model_dump(mode="json")})
@@ -203,7 +189,7 @@ async def load_model(request: web.Request) -> web.Response:
 async def unload_model(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     model = _model_named(node, request.match_info["model"])
-    data = await _json_body(request)
+    data = await read_json_object(request)
     stopped = await node.scheduler.unload(model.model_id, _device_of(node, model, data))
     return json_response({"node_id": node.config.node_id, "model": model.model_id,
                           "unloaded": [k.split("@", 1)[1] for k in stopped]})
@@ -223,7 +209,7 @@ async def undrain(request: web.Request) -> web.Response:
 
 async def set_mode(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    data = await _json_body(request)
+    data = await read_json_object(request)
     device = data.get("device")
     name = data.get("set")
     if not isinstance(device, str) or device not in node.device_ids:

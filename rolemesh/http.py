@@ -7,6 +7,7 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -106,6 +107,21 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         request.content.feed_eof()
         raise BadRequest(f"the request body cannot be read: {exc}",
                          headers={"Connection": "close"}) from exc
+
+
+async def read_json_object(request: web.Request, max_bytes: int = 64 * 1024
+                           ) -> dict[str, Any]:
+    """A small JSON object body (operator verbs); an empty body is {}; anything else 400."""
+    raw = await read_body(request, max_bytes)
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return data
 
 
 def request_id_of(request: web.Request) -> str:
