@@ -35,7 +35,7 @@ print("== POST /v1/chat/completions  model=chat  (the letters model)")
 r = client.chat.completions.create(model="chat", max_tokens=24,
                                    messages=[{"role": "user", "content": "Say something."}])
 print("   answer:", repr(r.choices[0].message.content))
-print("== the same, streamed, model=coder  (the digits model: the device switches models)")
+print("== the same, streamed, model=coder  (the digits model: it loads beside the letters model)")
 print("   answer: ", end="")
 for chunk in client.chat.completions.create(model="coder", max_tokens=24, stream=True,
                                             messages=[{"role": "user", "content": "Count."}]):
