@@ -178,10 +178,6 @@ class Policy:
     load_weight: float = 4.0  # a load counts this many times its seconds (GPU time, churn)
     regret_horizon_s: float = 300.0  # an evicted model is missed if wanted within this
     demand_window_s: float = 600.0  # what `recent_requests` counts over
-    # Another copy of a model that already runs serves only the overflow behind the copies,
-    # and it is the first thing evicted afterwards (losing it is free): its load buys fewer
-    # requests than a first copy's, so it is weighted more.
-    copy_load_weight: float = 6.0  # >= load_weight: the fast path relies on it
 
 
 @dataclass(frozen=True)
@@ -543,8 +539,7 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     queue = max(d.queue for d in group)
     margin = policy.memory_safety_margin
     svc = service_s(cost, policy)
-    weight = policy.copy_load_weight if holders.get(model_id, 0) else policy.load_weight
-    weighted_load = weight * cost.load_s
+    weighted_load = policy.load_weight * cost.load_s
 
     def verdict(reason: Reason, **extra: Any) -> Verdict:
         return Verdict(first.node_id, placement_id(ids), model_id, reason, queue=queue,

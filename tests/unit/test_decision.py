@@ -155,9 +155,8 @@ WINS: dict[str, Win] = {
     "a failed instance of the model does not count as loaded": win(
         "small", [dev("gpu:0", loaded="small", state=S.FAILED), dev("gpu:1")],
         "a/gpu:1 small", LOAD),
-    # (5 x 10 s behind the copy at its limit > another copy's 6 x 5 s load)
     "a loaded device at its pending limit is passed over for an empty one": win(
-        "small", [dev("gpu:0", loaded="small", in_flight=1, pending=4, limit=5), dev("gpu:1")],
+        "small", [dev("gpu:0", loaded="small", in_flight=1, pending=1), dev("gpu:1")],
         "a/gpu:1 small", LOAD),
     "a loaded device on a down node is passed over for an empty one": win(
         "small", [dev("gpu:0", loaded="small", up=False), dev("gpu:0", node="b")],
