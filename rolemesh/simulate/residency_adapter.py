@@ -6,17 +6,16 @@ dispatcher queued there (a waiter's placement is the device the decision named, 
 `X-RoleMesh-Device` says). The actions come back one to one: a grant, a start, a drain
 (with its reason), an undrain, a stop (with its reason), a refusal (a 503 the client
 retries), a wake-up. Device groups, sets, held modes and operator wants are not modelled.
-
-Available only once `rolemesh.planner` exists (`available()`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
+from rolemesh import planner as p
+from rolemesh.api import InstanceState as WireState
+from rolemesh.residency import Room
 from rolemesh.simulate.planners import (
     Action,
     DeviceSnapshot,
@@ -32,28 +31,18 @@ from rolemesh.simulate.planners import (
 )
 
 
-def available() -> bool:
-    return (importlib.util.find_spec("rolemesh.planner") is not None
-            and importlib.util.find_spec("rolemesh.residency") is not None)
-
-
 class ResidencyPlanner:
     def __init__(self, *, patience_s: float, default_load_s: float,
                  co_residency: bool = True) -> None:
-        planner: Any = importlib.import_module("rolemesh.planner")  # issue 8's, when present
-        wire_state: Any = importlib.import_module("rolemesh.api").InstanceState
-        self._p = planner
-        self._room: Any = importlib.import_module("rolemesh.residency").Room
-        self._state = {InstanceState.STARTING: wire_state.STARTING,
-                       InstanceState.READY: wire_state.READY,
-                       InstanceState.DRAINING: wire_state.DRAINING}
+        self._state = {InstanceState.STARTING: WireState.STARTING,
+                       InstanceState.READY: WireState.READY,
+                       InstanceState.DRAINING: WireState.DRAINING}
         self.patience_s = patience_s
         self.default_load_s = default_load_s
         self.co_residency = co_residency
 
     def plan(self, view: DeviceSnapshot, waiters: Sequence[WaiterView],
              now: float) -> Sequence[Action]:
-        p = self._p
         dev = view.device_id
         where = (dev,)
         models = {m: p.ModelSpec(m, need, load_s=view.measured_load_s.get(m, self.default_load_s),
@@ -70,7 +59,7 @@ class ResidencyPlanner:
                            if i.state is InstanceState.DRAINING else None)
             for i in view.instances)
         plan_view = p.PlanView(
-            rooms={dev: self._room(view.total_mb, view.margin)}, device_order=where,
+            rooms={dev: Room(view.total_mb, view.margin)}, device_order=where,
             models=models, instances=instances,
             waiters=tuple(p.WaiterView(w.waiter_id, w.model_id, where, w.enqueued_at)
                           for w in waiters),
@@ -78,7 +67,6 @@ class ResidencyPlanner:
         return [self._action(a) for a in p.plan(plan_view, now)]
 
     def _action(self, a: Any) -> Action:
-        p = self._p
         model = (a.instance.split("@", 1)[0] if hasattr(a, "instance") else
                  getattr(a, "model_id", ""))
         if isinstance(a, p.Grant):

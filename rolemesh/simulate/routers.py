@@ -2,8 +2,8 @@
 
 - `rolemesh`      the real `rolemesh.decision.choose()` on `views.device_views`, the node
                   agent's own rules on each device (`rolemesh.planner` through
-                  `residency_adapter` when it exists, else `planners.TodaysAgent`: slot.py),
-                  the dispatcher's failover.
+                  `residency_adapter`), the dispatcher's failover; `rolemesh-slot` the same
+                  with the agent's rules before model sets (`planners.TodaysAgent`).
 - `round-robin`   the next device in turn that fits the model; FIFO, one model per device.
 - `least-loaded`  the device with the shortest queue that fits; FIFO, one model per device.
 - `ollama`        the device already holding the model, else the first with free memory,
@@ -29,7 +29,7 @@ from rolemesh.simulate import residency_adapter
 from rolemesh.simulate.cluster import ClusterFile
 from rolemesh.simulate.planners import DevicePlanner, QueuePlanner, TodaysAgent
 from rolemesh.simulate.trace import Trace, mean_service_s
-from rolemesh.simulate.views import RESIDENTS, Key, World, device_views
+from rolemesh.simulate.views import Key, World, device_views
 from rolemesh.simulate.world import fits
 
 OLLAMA_QUEUE = 512  # OLLAMA_MAX_QUEUE's default
@@ -83,8 +83,9 @@ class RoleMesh:
         self.max_attempts = cluster.dispatcher.max_attempts
         self.pending_limit: int | None = cluster.agent.pending_limit
         self._planner: DevicePlanner
-        # The agent's own rules: the residency planner once it exists, else slot.py's.
-        self.co_residency = residency_adapter.available() and RESIDENTS and not slot_rules
+        # The agent's own rules: the residency planner, or (rolemesh-slot) the one-model rules
+        # of the agent before model sets, for comparison.
+        self.co_residency = not slot_rules
         if self.co_residency:
             self._planner = residency_adapter.ResidencyPlanner(
                 patience_s=cluster.agent.max_switch_wait_s,
@@ -283,10 +284,9 @@ class Floor:
         return Route(key, model)
 
 
-# rolemesh-slot: the decision with node_agent/slot.py's one-model-per-device rules, once
-# the agent has rules of its own to compare them with.
-POLICIES = ("rolemesh", *(("rolemesh-slot",) if residency_adapter.available() and RESIDENTS
-                          else ()),
+# rolemesh-slot: the decision with the one-model-per-device rules of the agent before
+# model sets, to compare with.
+POLICIES = ("rolemesh", "rolemesh-slot",
             "llama-swap", "floor", "ollama", "least-loaded", "round-robin")
 
 

@@ -7,21 +7,18 @@ the first load), and the registry's `expect()` overlay: a device the dispatcher 
 a model it did not hold shows as `starting` that model until the device's next answer.
 The one simplification: the node's report is always fresh (no heartbeat delay).
 
-This module is the adapter to the decision's input type. It builds either shape of
-`DeviceView`: one loaded model and a slot state (schema 1), or the resident instances of a
-device holding a set of models (`residents`, issue 8), whichever `rolemesh.decision` has.
+This module is the adapter to the decision's input type: the resident instances of each
+device (`ResidentView`), with the overlay as one more, starting.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
-from rolemesh import api
-from rolemesh import decision as _decision
-from rolemesh.decision import DeviceView, ModelCost
+from rolemesh.api import InstanceState as WireState
+from rolemesh.decision import DeviceView, ModelCost, ResidentView
 from rolemesh.simulate.cluster import ClusterFile, SimNode
 from rolemesh.simulate.device import DeviceSim
 from rolemesh.simulate.planners import InstanceState
@@ -30,11 +27,8 @@ RECENT_WINDOW_S = 600.0  # node_agent/slot.py RECENT_WINDOW_S
 
 Key = tuple[str, str]
 
-_VIEW_FIELDS = frozenset(f.name for f in fields(DeviceView))
-RESIDENTS = "residents" in _VIEW_FIELDS  # the decision of devices that hold sets of models
-_WIRE_STATE: Any = getattr(api, "InstanceState" if RESIDENTS else "SlotState")
-_STATE = {InstanceState.STARTING: _WIRE_STATE.STARTING, InstanceState.READY: _WIRE_STATE.READY,
-          InstanceState.DRAINING: _WIRE_STATE.DRAINING}
+_STATE = {InstanceState.STARTING: WireState.STARTING, InstanceState.READY: WireState.READY,
+          InstanceState.DRAINING: WireState.DRAINING}
 
 
 @dataclass
@@ -76,42 +70,24 @@ def device_view(world: World, device: DeviceSim, now: float,
     servable = {m: ModelCost(need, world.node_load_s.get((node_id, m), default))
                 for m, need in device.memory_mb.items()}
     total = device.memory_total_mb
-    common: dict[str, Any] = {
-        "node_id": node_id, "device_id": device.key[1], "servable": servable,
-        "memory_total_mb": total,
-        "memory_free_mb": None if total is None else total - device.charged_mb,
-        "in_flight": device.queue, "pending": 0,
-        "pending_limit": device.pending_limit or cluster.agent.pending_limit,
-        "recent_requests": {m: world.recent(node_id, m, now) for m in device.memory_mb}}
-    if "last_routed" in _VIEW_FIELDS:
-        common["last_routed"] = world.last_routed.get(device.key, 0.0)
-    if RESIDENTS:
-        return DeviceView(**common, **_residents(device, co_residency))
-    inst = next(iter(device.instances.values()), None)
-    loaded = inst.model_id if inst is not None else None
-    state = _STATE[inst.state] if inst is not None else _WIRE_STATE.EMPTY
-    if device.expects is not None and device.expects != loaded:
-        loaded, state = device.expects, _WIRE_STATE.STARTING
-    return DeviceView(**common, loaded_model=loaded, slot_state=state)
-
-
-def _residents(device: DeviceSim, co_residency: bool) -> dict[str, Any]:
-    resident_view: Any = getattr(_decision, "ResidentView")  # noqa: B009  # schema 2 only
     waiting: dict[str, int] = {}
     for w in device.waiters:
         waiting[w.model_id] = waiting.get(w.model_id, 0) + 1
-    residents = [resident_view(model_id=i.model_id, state=_STATE[i.state],
-                               busy=i.in_flight + waiting.get(i.model_id, 0),
-                               charged_mb=i.memory_mb, pinned=i.pinned)
+    residents = [ResidentView(model_id=i.model_id, state=_STATE[i.state],
+                              busy=i.in_flight + waiting.get(i.model_id, 0),
+                              charged_mb=i.memory_mb, pinned=i.pinned)
                  for i in device.instances.values()]
     if device.expects is not None and device.expects not in device.instances:
-        residents.append(resident_view(model_id=device.expects, state=_WIRE_STATE.STARTING,
-                                       busy=waiting.get(device.expects, 0),
-                                       charged_mb=device.memory_mb.get(device.expects, 0)))
-    extra: dict[str, Any] = {"residents": tuple(residents)}
-    if "co_residency" in _VIEW_FIELDS:
-        extra["co_residency"] = co_residency
-    return extra
+        residents.append(ResidentView(model_id=device.expects, state=WireState.STARTING,
+                                      busy=waiting.get(device.expects, 0),
+                                      charged_mb=device.memory_mb.get(device.expects, 0)))
+    return DeviceView(
+        node_id=node_id, device_id=device.key[1], servable=servable, memory_total_mb=total,
+        memory_free_mb=None if total is None else total - device.charged_mb,
+        residents=tuple(residents), in_flight=device.queue, pending=0,
+        pending_limit=device.pending_limit or cluster.agent.pending_limit,
+        recent_requests={m: world.recent(node_id, m, now) for m in device.memory_mb},
+        last_routed=world.last_routed.get(device.key, 0.0), co_residency=co_residency)
 
 
 def device_views(world: World, model_ids: Sequence[str], now: float,

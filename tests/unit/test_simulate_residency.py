@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from rolemesh.simulate import residency_adapter, views
 from rolemesh.simulate.engine import simulate
 from rolemesh.simulate.report import summarize
 from rolemesh.simulate.routers import RoleMesh
 from tests.unit.test_simulate_world import cluster, trace
-
-pytestmark = pytest.mark.skipif(not (residency_adapter.available() and views.RESIDENTS),
-                                reason="rolemesh.planner (issue 8) is not here yet")
 
 
 def test_rolemesh_runs_the_agents_residency_planner():
