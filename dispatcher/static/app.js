@@ -70,24 +70,11 @@
     try {
       const resp = await fetch(`${path}?${q}`, { headers: RM.key() ? {
         Authorization: "Bearer " + RM.key() } : {}, signal: logFollow.signal });
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buf.indexOf("\n\n")) >= 0) {
-          const block = buf.slice(0, cut);
-          buf = buf.slice(cut + 2);
-          const data = block.split("\n").find((l) => l.startsWith("data:"));
-          if (!data || block.startsWith("event: end")) continue;
-          const line = JSON.parse(data.slice(5)).line;
-          pre.textContent += (pre.textContent ? "\n" : "") + line;
-          pre.scrollTop = pre.scrollHeight;
-        }
-      }
+      await RM.readEvents(resp, (type, data) => {
+        if (type !== "message" || data.line === undefined) return;  // "end" closes it
+        pre.textContent += (pre.textContent ? "\n" : "") + data.line;
+        pre.scrollTop = pre.scrollHeight;
+      });
     } catch (_) { /* closed, or the instance stopped */ }
   }
 

@@ -59,6 +59,35 @@ const RM = (() => {
     return out;
   }
 
+  // Read an SSE body to its end: onMessage(type, payload) per event with JSON data
+  // (comments, and events without data, are skipped).
+  async function readEvents(resp, onMessage) {
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        let type = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) type = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+        }
+        if (data.length) {
+          try { onMessage(type, JSON.parse(data.join("\n"))); } catch (err) {
+            console.error("event", type, err);
+          }
+        }
+      }
+    }
+  }
+
   // Server-sent events over fetch (EventSource cannot send an Authorization header).
   // Calls onMessage(type, payload) per event, onState(live) as the stream comes and goes,
   // and reconnects with a growing pause.
@@ -79,30 +108,7 @@ const RM = (() => {
           }
           onState(true, null);
           pause = 500;
-          const reader = resp.body.getReader();
-          const decoder = new TextDecoder();
-          let buf = "";
-          for (;;) {
-            const { value, done } = await reader.read();
-            if (done) break;
-            buf += decoder.decode(value, { stream: true });
-            let cut;
-            while ((cut = buf.indexOf("\n\n")) >= 0) {
-              const block = buf.slice(0, cut);
-              buf = buf.slice(cut + 2);
-              let type = "message";
-              const data = [];
-              for (const line of block.split("\n")) {
-                if (line.startsWith("event:")) type = line.slice(6).trim();
-                else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
-              }
-              if (data.length) {
-                try { onMessage(type, JSON.parse(data.join("\n"))); } catch (err) {
-                  console.error("event", type, err);
-                }
-              }
-            }
-          }
+          await readEvents(resp, onMessage);
           onState(false, null);
         } catch (err) {
           if (stopped) return;
@@ -143,5 +149,5 @@ const RM = (() => {
       : Math.round(s / 3600) + " h ago";
   };
 
-  return { key, setupKeyForm, api, stream, showError, el, mb, secs, ago };
+  return { key, setupKeyForm, api, stream, readEvents, showError, el, mb, secs, ago };
 })();
