@@ -176,8 +176,14 @@ class Policy:
     # The cost model (docs/scheduling.md): expected seconds to serve a request.
     default_service_s: float = 10.0  # a request's device time when none is measured
     load_weight: float = 4.0  # a load counts this many times its seconds (GPU time, churn)
-    regret_horizon_s: float = 300.0  # an evicted model is missed if wanted within this
+    # An evicted model is missed if wanted within this. Short enough that the chance tells
+    # a model asked for every minute from one asked for twice in ten (300 s saturated both).
+    regret_horizon_s: float = 120.0
     demand_window_s: float = 600.0  # what `recent_requests` counts over
+    # Another copy of a running model adds throughput for a while; the sole copies it
+    # evicts must be reloaded for their own users, and those loads evict in turn. So a copy
+    # pays this many times the regret a first load pays.
+    copy_regret_weight: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -584,6 +590,8 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     # a new one can only load after that one is gone (the agent waits for it).
     evicts = tuple(sorted({residents[k].model_id for k in room.evict}))
     regret = regret_s(first, [residents[k] for k in room.evict], holders, policy)
+    if holders.get(model_id, 0):  # it runs elsewhere: this load is another copy
+        regret *= policy.copy_regret_weight
     wait = queue * svc  # what runs there now: it drains first, or shares the compute
     if any(r.model_id == model_id and r.state in _LEAVING_STATES
            and (r.devices or (first.device_id,)) == ids for r in first.residents):

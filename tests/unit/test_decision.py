@@ -479,8 +479,8 @@ def test_a_verdict_carries_the_numbers_it_was_judged_on() -> None:
     (v,) = choose(["small"], [device]).verdicts
     # Room left: min(24,000 x 0.9 - 20,000 charged, 3,000 reported free) = 1,600 MB.
     # Expected: 3 queued x 10 s + 4 x 5 s load + large's reload, 4 x 40 s times the chance
-    # it is wanted within 300 s (1 - e^(-7/600 x 300) = 0.97).
-    regret = (1 - math.exp(-7 / 600 * 300)) * 4 * 40
+    # it is wanted within 120 s (1 - e^(-7/600 x 120) = 0.75).
+    regret = (1 - math.exp(-7 / 600 * 120)) * 4 * 40
     assert v == Verdict(node_id="n", device_id="gpu:3", model_id="small",
                         reason=Reason.SWITCH_AFTER_QUEUE, chosen=True, queue=3,
                         memory_need_mb=4_000, memory_total_mb=24_000, memory_free_mb=1_600,

@@ -5,7 +5,8 @@ wait behind its queue (queue x service time) + a weighted load when the model is
 resident (load_weight x load_s; half a load, unweighted, for a copy still loading) + the
 regret of what it evicts (for each evicted model, the chance it is wanted again within
 the horizon x its weighted reload). Defaults: 10 s a request, loads weighted 4x, a
-300 s horizon over a 600 s demand window.
+120 s horizon over a 600 s demand window; another copy of a running model pays twice
+the regret.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rolemesh.decision import (
     DeviceView,
     ModelCost,
     Outcome,
+    Policy,
     Reason,
     ResidentView,
     choose,
@@ -122,10 +124,35 @@ def test_waiting_for_a_copy_says_so_and_counts_the_requests_held_before_it():
     assert decision.waits_for.device_id == "gpu:0"
     assert decision.waits_for.would is Reason.MODEL_LOADED
     assert "waiting for coder on a/gpu:0" in decision.explain()
-    # With 30 requests for coder already held at the dispatcher, waiting behind them
-    # (40 + 300 s) costs more than the switch: it happens.
-    behind = choose(["coder"], devices, held_ahead=30)
+    # With 40 requests for coder already held at the dispatcher, waiting behind them
+    # (40 + 400 s) costs more than the switch (10 + 80 s, and big's reload 160 s twice: a
+    # new copy of coder pays copy_regret_weight x the regret): it happens.
+    behind = choose(["coder"], devices, held_ahead=40)
     assert where(behind) == ("gpu:1", Action.SWITCH_AFTER_QUEUE)
+
+
+def test_another_copy_pays_twice_the_regret_of_the_sole_copies_it_evicts():
+    # Situation: coder's copy on gpu:0 is at its limit with 7 more held at the dispatcher
+    # (40 + 70 s to wait); gpu:1 (12 GB) holds chat, idle now but asked for 50 times
+    # lately, and has room for coder only without it. Before, a second copy of coder won
+    # (80 s load + chat's 20 s reload = 100 s < 110 s), and chat's next request then
+    # evicted something else: a copy made for a short queue started a chain of reloads.
+    # Fix: a copy pays copy_regret_weight (2) x the regret: 120 s, so the request waits.
+    def cluster(chat_recent: int) -> list[DeviceView]:
+        return [dev("gpu:0", loaded=[ready("coder", 4)], limit=4),
+                dev("gpu:1", total=12_000, loaded=[ready("chat")],
+                    recent={"chat": chat_recent})]
+    held = choose(["coder"], cluster(50), held_ahead=7)
+    assert where(held) == (None, None)
+    assert held.waits_for is not None and held.waits_for.device_id == "gpu:0"
+    copy = next(v for v in held.verdicts if v.device_id == "gpu:1")
+    assert copy.regret_s == pytest.approx(2 * 4 * 5.0 * (1 - math.exp(-50 / 600 * 120)))
+    # The old weighing (1x) made the copy.
+    once = choose(["coder"], cluster(50), Policy(copy_regret_weight=1.0), held_ahead=7)
+    assert where(once) == ("gpu:1", Action.EVICT)
+    # Nobody asked for chat lately: evicting it costs nothing, and the copy is made.
+    idle = choose(["coder"], cluster(0), held_ahead=7)
+    assert where(idle) == ("gpu:1", Action.EVICT)
 
 
 # -- the agent's patience is the switch's round trip --------------------------------------------
@@ -263,7 +290,7 @@ def test_a_model_being_switched_away_from_still_holds_its_requests():
 def test_regret_is_the_chance_of_a_reload_within_the_horizon_times_its_weighted_load():
     devices = [dev("gpu:0", total=12_000, loaded=[ready("coder")], recent={"coder": 6})]
     (v,) = choose(["chat"], devices).verdicts
-    chance = 1 - math.exp(-6 / 600 * 300)
+    chance = 1 - math.exp(-6 / 600 * 120)
     assert (v.reason, v.evicts) == (Reason.EVICT_IDLE_MODEL, ("coder",))
     assert v.regret_s == pytest.approx(chance * 4 * 20)
     assert v.expected_s == pytest.approx(20 + chance * 80)
