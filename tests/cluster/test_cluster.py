@@ -99,24 +99,38 @@ def test_with_every_device_full_the_next_request_gets_503_with_retry_after(
 
 def test_an_agent_answering_503_does_not_fail_the_request(
         tmp_path, tiny_models, fake_llama_server_bin):
-    models = [model_entry("letters", tiny_models["letters"], ["chat"],
-                          server_args={"--fake-tokens-per-s": 10})]
+    letters = model_entry("letters", tiny_models["letters"], ["chat"],
+                          server_args={"--fake-tokens-per-s": 10})
+    # Heartbeats a minute apart: after registering, the dispatcher cannot see node-a fill
+    # up. (With its usual beat it may see that and rightly hold the request for node-a.)
     with start_cluster(tmp_path, fake_llama_server_bin,
-                       {"node-a": models, "node-b": models},
+                       {"node-a": [{**letters, "preload": True}], "node-b": [letters]},
+                       dispatcher_extra={"heartbeat_interval_s": 60.0, "node_timeout_s": 600.0,
+                                        "node_forget_s": 1200.0},
                        agent_extra={"max_pending_requests_per_device": 1}) as cluster:
         client = cluster.client()
-        first = ask(client, "chat")
-        other = "node-b" if first == "node-a" else "node-a"
+        first = cluster.agents["node-a"]
+        wait_until_sync(lambda: [i["state"] for i in first.get(
+            "/v1/node/inventory", TOKEN)["devices"][0]["instances"]] == ["ready"],
+            what="letters ready on node-a")
+        # What the dispatcher knows from registering: node-a holds letters, nothing runs.
+        seen = cluster.nodes()["node-a"]["devices"][0]["status"]
+        assert [i["model_id"] for i in seen["instances"]] == ["letters"]
         # Someone calls the loaded agent directly: the dispatcher cannot know it is full.
-        direct = openai.OpenAI(base_url=cluster.agents[first].url + "/v1", api_key=TOKEN,
-                               max_retries=0)
+        direct = openai.OpenAI(base_url=first.url + "/v1", api_key=TOKEN, max_retries=0)
         with ThreadPoolExecutor(1) as pool:
             busy = pool.submit(direct.chat.completions.create, model="chat", messages=MSG,
                                max_tokens=30)
-            wait_until_sync(lambda: cluster.agents[first].get(
-                "/v1/node/inventory", TOKEN)["devices"][0]["in_flight"] == 1, what="busy")
-            assert ask(client, "chat") == other
+            wait_until_sync(lambda: first.get("/v1/node/inventory", TOKEN)["devices"][0]
+                            ["in_flight"] == 1, what="busy")
+            assert cluster.nodes()["node-a"]["devices"][0]["status"]["in_flight"] == 0
+            assert ask(client, "chat") == "node-b"
             busy.result()
+        # It went to node-a first (what the dispatcher saw) and on after node-a's 503.
+        with urllib.request.urlopen(cluster.dispatcher.url + "/metrics") as answer:
+            failovers = [line for line in answer.read().decode().splitlines()
+                         if line.startswith("rolemesh_dispatcher_failovers_total{")]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in failovers) == 1.0
 
 
 def test_a_killed_agent_does_not_fail_requests_that_had_not_started(letters_everywhere):
