@@ -144,7 +144,8 @@ def test_another_copy_pays_twice_the_regret_of_the_sole_copies_it_evicts():
                     recent={"chat": chat_recent})]
     held = choose(["coder"], cluster(50), held_ahead=7)
     assert where(held) == (None, None)
-    assert held.waits_for is not None and held.waits_for.device_id == "gpu:0"
+    assert held.waits_for is not None
+    assert held.waits_for.device_id == "gpu:0"
     copy = next(v for v in held.verdicts if v.device_id == "gpu:1")
     assert copy.regret_s == pytest.approx(2 * 4 * 5.0 * (1 - math.exp(-50 / 600 * 120)))
     # The old weighing (1x) made the copy.
