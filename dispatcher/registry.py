@@ -296,7 +296,7 @@ class Registry:
         costs = {m.model_id: ModelCost(
             m.memory_need_mb,
             m.last_load_s if m.last_load_s is not None else self.default_load_s,
-            devices=tuple(m.devices) if m.devices else None,
+            service_s=m.service_s, devices=tuple(m.devices) if m.devices else None,
             split=tuple(m.split) if m.split else None, pinned=m.pinned, exclusive=m.exclusive,
             host_need_mb=m.host_memory_need_mb, allow_disk_paging=m.allow_disk_paging)
             for m in models}

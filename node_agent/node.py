@@ -46,6 +46,7 @@ from rolemesh.errors import (
     UnknownDevice,
 )
 from rolemesh.memory_estimate import NotAGGUFFile
+from rolemesh.service_time import service_s
 
 _MB = 1024 * 1024
 log = structlog.get_logger("node_agent.node")
@@ -278,6 +279,7 @@ class Node:
                 split=list(m.split) if m.split else None, pinned=m.pinned, preload=m.preload,
                 exclusive=m.exclusive, ttl_s=self.config.ttl_of(m),
                 last_load_s=round(load, 4) if load is not None else None,
+                service_s=_round(service_s(sched.meters.values(), m.model_id)),
                 recent_requests=sched.recent_requests(m.model_id)))
         return out
 
@@ -333,7 +335,8 @@ class Node:
                 sum(need.per_device_mb.values()),
                 sched.load_seconds.get(m.model_id, DEFAULT_LOAD_S), devices=m.placement,
                 split=m.split, pinned=m.pinned, exclusive=m.exclusive,
-                host_need_mb=need.host_mb, allow_disk_paging=m.allow_disk_paging)
+                host_need_mb=need.host_mb, allow_disk_paging=m.allow_disk_paging,
+                service_s=service_s(sched.meters.values(), m.model_id))
         return out
 
     def views(self) -> list[DeviceView]:

@@ -43,6 +43,7 @@ from rolemesh.planner import (
     plan,
 )
 from rolemesh.residency import Room, split_need
+from rolemesh.service_time import ServiceMeter
 
 log = structlog.get_logger("node_agent.scheduler")
 S = InstanceState
@@ -123,6 +124,8 @@ class NodeScheduler:
         self._restarts: dict[str, int] = {}
         self.load_seconds: dict[str, float] = {}
         self._served: dict[str, deque[float]] = {}
+        # Each device's share of time per request, by model (ModelStatus.service_s).
+        self.meters = {d: ServiceMeter() for d in self.device_ids}
         self.stops: deque[StopEntry] = deque(maxlen=STOP_HISTORY)
         self.held: dict[str, str] = {}  # device -> the set name it is held for
         self.draining = False
@@ -221,9 +224,14 @@ class NodeScheduler:
                                    f"{'+'.join(devices)} for {model.model_id} without a turn")
         inst = waiter.future.result()  # raises the refusal, if any
         self._served.setdefault(model.model_id, deque()).append(self._clock())
+        meters = [self.meters[d] for d in devices if d in self.meters]
+        for meter in meters:
+            meter.started(waiter.id, model.model_id, self._clock())
         try:
             yield inst
         finally:
+            for meter in meters:
+                meter.finished(waiter.id, self._clock())
             inst.release()
             self._replan()
 

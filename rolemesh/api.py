@@ -119,6 +119,9 @@ class ModelStatus(WireModel):
     exclusive: bool = False
     ttl_s: float | None = None
     last_load_s: float | None = None  # measured on this node; None before the first load
+    # Device seconds one request takes (rolemesh.service_time), over the recent ones on
+    # this node; None before the first ends.
+    service_s: float | None = None
     recent_requests: int = 0  # served on this node in the recent window
     ctx_size: int | None = None  # its context window in tokens; None: unknown
 

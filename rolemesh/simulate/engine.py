@@ -259,6 +259,7 @@ class Simulation:
         req.model_id = model_id
         req.key = key
         self.world.record_grant(key[0], model_id, now)
+        self.world.meter(key).started(rid, model_id, now)
         self.world.last_routed.setdefault(key, now)
 
     def refused(self, rid: int, key: Key, now: float) -> None:
@@ -283,6 +284,7 @@ class Simulation:
     def finished(self, rid: int, key: Key, now: float) -> None:
         req = self.requests[rid]
         req.done_t = now
+        self.world.meter(key).finished(rid, now)
         self._end(req, "ok", now)
         self._wake_buffer(now)
 

@@ -2,9 +2,11 @@
 
 What the dispatcher would know, built the way dispatcher/views.py and the registry build it:
 its own count of requests sent and not finished as the queue, the node's recent requests
-per model (600 s window) and last measured load time per model (`default_load_s` before
-the first load), and the registry's `expect()` overlay: a device the dispatcher just sent
-a model it did not hold shows as `starting` that model until the device's next answer.
+per model (600 s window), last measured load time per model (`default_load_s` before the
+first load), measured service time per model (`rolemesh.service_time`; the policy's
+`default_service_s` before the first request ends), and the registry's `expect()`
+overlay: a device the dispatcher just sent a model it did not hold shows as `starting`
+that model until the device's next answer.
 The one simplification: the node's report is always fresh (no heartbeat delay).
 
 This module is the adapter to the decision's input type: the resident instances of each
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from rolemesh.api import InstanceState as WireState
 from rolemesh.decision import DeviceView, ModelCost, ResidentView
+from rolemesh.service_time import ServiceMeter, service_s
 from rolemesh.simulate.cluster import ClusterFile, SimNode
 from rolemesh.simulate.device import DeviceSim
 from rolemesh.simulate.planners import InstanceState
@@ -40,6 +43,8 @@ class World:
     nodes: dict[str, SimNode] = field(default_factory=dict)
     served: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
     node_load_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    # What each device's agent measures of its requests (node_agent/scheduler.py's meters).
+    meters: dict[Key, ServiceMeter] = field(default_factory=dict)
     # What the dispatcher's registry records: when it last routed to each device (the
     # decision spreads equal copies by it); and, for the request being routed, how many
     # requests for the same name the dispatcher holds before it (dispatcher/buffering.py).
@@ -58,6 +63,13 @@ class World:
             served.popleft()
         return len(served)
 
+    def meter(self, key: Key) -> ServiceMeter:
+        return self.meters.setdefault(key, ServiceMeter())
+
+    def service_s(self, node_id: str, model_id: str) -> float | None:
+        """The node's figure, as its agent reports it (over the node's devices)."""
+        return service_s((m for k, m in self.meters.items() if k[0] == node_id), model_id)
+
     def serves(self, key: Key, model_id: str) -> bool:
         return model_id in self.devices[key].memory_mb
 
@@ -67,7 +79,8 @@ def device_view(world: World, device: DeviceSim, now: float,
     node_id, _ = device.key
     cluster = world.cluster
     default = cluster.dispatcher.default_load_s
-    servable = {m: ModelCost(need, world.node_load_s.get((node_id, m), default))
+    servable = {m: ModelCost(need, world.node_load_s.get((node_id, m), default),
+                             service_s=world.service_s(node_id, m))
                 for m, need in device.memory_mb.items()}
     total = device.memory_total_mb
     waiting: dict[str, int] = {}

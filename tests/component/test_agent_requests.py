@@ -180,6 +180,30 @@ async def test_models_and_inventory_describe_the_node(
         assert by_id["digits-1"].last_load_s is None
 
 
+async def test_the_inventory_reports_how_long_a_request_holds_the_device_per_model(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    # 20 tokens at 40 a second: each request holds the device about half a second.
+    config = agent_config(tmp_path, two_models(
+        tiny_models, server_args={"--fake-tokens-per-s": 40}))
+    async with running_agent(config, fake_llama_server_bin) as agent, \
+            aiohttp.ClientSession() as s:
+        loop = asyncio.get_running_loop()
+        took = []
+        for _ in range(3):  # the first one loads letters-1 (not counted: it waits for it)
+            started = loop.time()
+            status, _, _ = await post_chat(s, agent.url, "chat", max_tokens=20)
+            took.append(loop.time() - started)
+            assert status == 200
+        async with s.get(agent.url + "/v1/node/inventory") as resp:
+            inv = NodeInventory.model_validate(await resp.json())
+        by_id = {m.model_id: m for m in inv.models}
+        service = by_id["letters-1"].service_s
+        assert service is not None
+        # A request holds the device no longer than its client waited for it.
+        assert 0 < service <= max(took)
+        assert by_id["digits-1"].service_s is None  # never asked: the policy's default
+
+
 async def test_a_name_only_the_dispatcher_knows_is_served_by_the_model_it_resolved_to(
         tmp_path, tiny_models, fake_llama_server_bin):
     config = agent_config(tmp_path, two_models(tiny_models))

@@ -4,9 +4,9 @@ The cost model (docs/scheduling.md): a candidate's expected seconds to serve the
 wait behind its queue (queue x service time) + a weighted load when the model is not
 resident (load_weight x load_s; half a load, unweighted, for a copy still loading) + the
 regret of what it evicts (for each evicted model, the chance it is wanted again within
-the horizon x its weighted reload). Defaults: 10 s a request, loads weighted 4x, a
-120 s horizon over a 600 s demand window; another copy of a running model pays twice
-the regret.
+the horizon x its weighted reload). Defaults: 10 s a request until the node measures the
+model's own, loads weighted 4x, a 120 s horizon over a 600 s demand window; another copy
+of a running model pays twice the regret.
 """
 
 from __future__ import annotations
@@ -154,6 +154,34 @@ def test_another_copy_pays_twice_the_regret_of_the_sole_copies_it_evicts():
     # Nobody asked for chat lately: evicting it costs nothing, and the copy is made.
     idle = choose(["coder"], cluster(0), held_ahead=7)
     assert where(idle) == ("gpu:1", Action.EVICT)
+
+
+def test_a_queue_is_priced_at_its_models_measured_service_time():
+    # Situation (simulate's bursts trace, cold loads): a burst for the big model; its one
+    # copy on gpu:0 is at its limit with 10 more held at the dispatcher; gpu:1 is empty.
+    # Priced at the default 10 s a request the queue looks like 4 x 10 + 10 x 10 = 140 s,
+    # less than a weighted load (160 s): the requests wait, and the tail of the burst
+    # times out at the dispatcher (a 32B model takes ~26 s a request, not 10).
+    # Fix: the node agent measures each model's service time and the decision prices the
+    # queue with it: 4 x 26 + 10 x 26 = 364 s, and a second copy is loaded.
+    def cluster(service: float | None) -> list[DeviceView]:
+        costs = {**MODELS, "big": replace(MODELS["big"], service_s=service)}
+        return [replace(dev("gpu:0", loaded=[ready("big", 4)], limit=4), servable=costs),
+                replace(dev("gpu:1"), servable=costs)]
+    unmeasured = choose(["big"], cluster(None), held_ahead=10)
+    assert where(unmeasured) == (None, None)
+    assert unmeasured.waits_for is not None
+    assert unmeasured.waits_for.wait_s == pytest.approx(140.0)
+    measured = choose(["big"], cluster(26.0), held_ahead=10)
+    assert where(measured) == ("gpu:1", Action.LOAD_ON_EMPTY)
+    waited = next(v for v in measured.verdicts if v.device_id == "gpu:0")
+    assert waited.wait_s == pytest.approx(364.0)
+    # A model measured as quick is waited for where the default would have made a copy.
+    quick = choose(["big"], [replace(d, servable={**MODELS, "big": replace(
+        MODELS["big"], service_s=2.0)}) for d in cluster(None)], held_ahead=40)
+    assert where(quick) == (None, None)
+    assert where(choose(["big"], cluster(None), held_ahead=40)) == ("gpu:1",
+                                                                    Action.LOAD_ON_EMPTY)
 
 
 # -- the agent's patience is the switch's round trip --------------------------------------------

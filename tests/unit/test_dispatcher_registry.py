@@ -83,6 +83,13 @@ def test_a_registered_node_is_up_with_its_devices_models_and_costs(registry):
     assert snap.devices[("node-a", "gpu:0")].status.memory_total_mb == 24000
 
 
+def test_a_models_measured_service_time_reaches_its_cost_and_none_leaves_the_default(
+        registry):
+    node = registry.register(inventory(models=[model("m1", service_s=26.5), model("m2")]))
+    assert node.costs["m1"].service_s == 26.5
+    assert node.costs["m2"].service_s is None  # the decision's default_service_s
+
+
 def test_a_newer_heartbeat_replaces_the_devices_and_keeps_models_when_it_has_none(registry):
     registry.register(inventory())
     assert registry.heartbeat(beat(seq=2, devices=[device(instances=[
