@@ -28,7 +28,6 @@ from dispatcher.request_routing import RequestRouting
 from dispatcher.router import Router
 from dispatcher.views import cluster_nodes
 from rolemesh.cors import setup_cors
-from rolemesh.decision import Policy
 from rolemesh.http import error_middleware, request_context_middleware
 
 log = structlog.get_logger("dispatcher.app")
@@ -66,8 +65,8 @@ def build_app(config: DispatcherConfig, deps: Deps | None = None) -> web.Applica
     deps = deps or Deps()
     registry = Registry(timeout_s=config.timeout_s, forget_s=config.forget_s,
                         default_load_s=config.default_load_s, clock=deps.clock)
-    policy = Policy(memory_safety_margin=config.vram_safety_margin,
-                    busy_retry_after_s=config.busy_retry_after_s)
+    policy = config.cost_model.policy(memory_safety_margin=config.vram_safety_margin,
+                                      busy_retry_after_s=config.busy_retry_after_s)
     router = Router(registry, config.aliases, policy)
     metrics = Metrics(registry)
     forwarder = Forwarder(

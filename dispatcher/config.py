@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from dispatcher.access_log import AccessLogConfig
+from rolemesh.cost_model import CostModel
 from rolemesh.routing_rules import RoutingTable
 from rolemesh.token_file import read_token_file
 
@@ -77,6 +78,8 @@ class DispatcherConfig(StrictModel):
     # it the moment one frees; 0 turns it off (503 at once). Ollama queues 512 by default.
     max_buffered_requests: int = Field(default=512, ge=0)
     buffer_timeout_s: float = Field(default=300.0, gt=0)
+    # What a load, a copy and an eviction count against waiting (docs/scheduling.md).
+    cost_model: CostModel = Field(default_factory=CostModel)
     api_keys: list[str] | None = Field(default=None, repr=False)
     # Keys for operator actions: load, unload, drain, mode (dispatcher/admin.py) and
     # PUT /v1/routing; the cluster token may too. They open the client endpoints as well.

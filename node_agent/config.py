@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from rolemesh.cost_model import CostModel
 from rolemesh.token_file import read_token_file
 
 Backend = Literal["auto", "cuda", "cpu", "rocm", "metal", "vulkan", "sycl"]
@@ -215,6 +216,9 @@ class NodeAgentConfig(StrictModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     memory_safety_margin: float = Field(default=0.9, gt=0, le=1)
+    # How the agent weighs its own devices for requests sent to it directly (the
+    # dispatcher's `cost_model` decides the rest): docs/scheduling.md.
+    cost_model: CostModel = Field(default_factory=CostModel)
     # Residency (docs/lifecycle.md).
     co_residency: bool = True  # False: one model per device at a time, each switch a restart
     cpu_device: bool = False  # on a GPU host, offer the CPU (host RAM) as one more device

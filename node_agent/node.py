@@ -34,7 +34,6 @@ from rolemesh.decision import (
     DeviceView,
     ModelCost,
     Outcome,
-    Policy,
     ResidentView,
     choose,
 )
@@ -101,7 +100,8 @@ class Node:
         self.device_ids = device_ids
         self.facts = facts
         self._clock = clock
-        self._policy = Policy(memory_safety_margin=config.memory_safety_margin)
+        self._policy = config.cost_model.policy(
+            memory_safety_margin=config.memory_safety_margin)
         self._figures: dict[str, DeviceFigures] = {}
         self._figures_at = -FIGURES_TTL_S
         self._seq = 0

@@ -85,6 +85,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="about how many requests a synthetic trace has (default %(default)s)")
     p.add_argument("--loads", choices=["warm", "cold", "both"], default=None,
                    help="warm page cache or cold disk loads (default: the cluster file's)")
+    p.add_argument("--cost-model", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one of the cost model's weights for rolemesh (repeatable): "
+                        "load_weight, copy_regret_weight, regret_horizon_s, "
+                        "default_service_s; default: the cluster file's dispatcher.cost_model")
     p.add_argument("--jsonl", type=Path, default=None,
                    help="also write one JSON line per run here ('-': stdout, no table)")
 
@@ -112,9 +116,18 @@ def _traces(args: argparse.Namespace, cluster: ClusterFile) -> list[tuple[int | 
             for name in _names(args.trace, list(SYNTHETIC), "trace") for seed in args.seeds]
 
 
+def with_cost_model(cluster: ClusterFile, settings: list[str]) -> ClusterFile:
+    """The cluster with `--cost-model NAME=VALUE` settings over its dispatcher's weights."""
+    if not settings:
+        return cluster
+    cost_model = cluster.dispatcher.cost_model.overridden(settings)
+    dispatcher = cluster.dispatcher.model_copy(update={"cost_model": cost_model})
+    return cluster.model_copy(update={"dispatcher": dispatcher})
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        cluster = load_cluster_file(args.cluster)
+        cluster = with_cost_model(load_cluster_file(args.cluster), args.cost_model)
         policies = _names(args.policy, POLICIES, "policy")
         traces = _traces(args, cluster)
     except (ConfigError, ValueError, OSError) as exc:
@@ -135,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
     if args.jsonl is not None:
         args.jsonl.write_text(lines)
     if any(p.startswith("rolemesh") for p in policies):
-        print(f"rolemesh: the agent's rules are {RoleMesh(cluster).agent_rules}\n")
+        weights = ", ".join(f"{k} {v:g}" for k, v in
+                            cluster.dispatcher.cost_model.model_dump().items())
+        print(f"rolemesh: the agent's rules are {RoleMesh(cluster).agent_rules}; "
+              f"cost model: {weights}\n")
     print(markdown_table(summaries))
     if "rolemesh" in policies and {"llama-swap", "floor"} & set(policies):
         baselines = [b for b in ("llama-swap", "floor") if b in policies]

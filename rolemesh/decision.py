@@ -346,15 +346,47 @@ def _cost_key(v: Verdict) -> tuple[Any, ...]:
             _GROUP_OF[reason], *_RANK[reason](v))
 
 
-def service_s(cost: ModelCost, policy: Policy) -> float:
-    return cost.service_s if cost.service_s is not None else policy.default_service_s
+class ServiceTimes:
+    """Seconds one request of a model holds a device, per candidate: what its node
+    measured; else the mean of what the other nodes measured for the same model (a node
+    that just joined, or never ran it, is not priced at a guess while others know); else
+    the policy's `default_service_s`. Borrowed figures are worked out once per decision,
+    and only when a queue needs pricing."""
+
+    __slots__ = ("_borrowed", "_default", "_devices")
+
+    def __init__(self, devices: Sequence[DeviceView], policy: Policy) -> None:
+        self._devices = devices
+        self._default = policy.default_service_s
+        self._borrowed: dict[str, float] = {}
+
+    def of(self, model_id: str, cost: ModelCost) -> float:
+        if cost.service_s is not None:
+            return cost.service_s
+        borrowed = self._borrowed.get(model_id)
+        if borrowed is None:
+            borrowed = self._borrowed[model_id] = self._measured_elsewhere(model_id)
+        return borrowed
+
+    def _measured_elsewhere(self, model_id: str) -> float:
+        seen: set[str] = set()  # a node's devices share its figures: count each node once
+        figures = []
+        for d in self._devices:
+            if d.node_id in seen:
+                continue
+            seen.add(d.node_id)
+            cost = d.servable.get(model_id)
+            if cost is not None and cost.service_s is not None:
+                figures.append(cost.service_s)
+        return sum(figures) / len(figures) if figures else self._default
 
 
-def loaded_expected(queue: int, starting: bool, cost: ModelCost, policy: Policy
+def loaded_expected(queue: int, starting: bool, cost: ModelCost, svc: float
                     ) -> tuple[float, float]:
     """(wait, load) for a request sent to a copy that is ready or loading: the queue ahead
-    of it, and half a load when the copy is still loading (it began some time ago)."""
-    return queue * service_s(cost, policy), (0.5 * cost.load_s if starting else 0.0)
+    of it at `svc` seconds each, and half a load when the copy is still loading (it began
+    some time ago)."""
+    return queue * svc, (0.5 * cost.load_s if starting else 0.0)
 
 
 def regret_s(device: DeviceView, evicted: Sequence[Resident], holders: Mapping[str, int],
@@ -410,7 +442,7 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
     best_wait = math.inf
     waits_here, wait_svc = 0, 0.0
     idle_found = False
-    default_svc = policy.default_service_s
+    service = ServiceTimes(devices, policy)
     starting = InstanceState.STARTING
     for d in devices:
         if wanted_set.isdisjoint(d.single_holds):
@@ -436,7 +468,9 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
             if room is not None and free is not None and free < room:
                 room = free
             # loaded_expected(), inlined: this loop runs per request over every device.
-            svc = cost.service_s if cost.service_s is not None else default_svc
+            svc = cost.service_s
+            if svc is None:
+                svc = service.of(model, cost) if queue or at_limit else 0.0
             expected = queue * svc
             if r.state is starting:
                 expected += 0.5 * cost.load_s
@@ -456,7 +490,8 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
         return None
     d, r = best
     cost = d.servable[r.model_id]
-    wait, load = loaded_expected(d.queue, r.state is InstanceState.STARTING, cost, policy)
+    wait, load = loaded_expected(d.queue, r.state is InstanceState.STARTING, cost,
+                                 service.of(r.model_id, cost))
     if wait + load > 0:
         # A load anywhere costs at least the quickest weighted load of a wanted model (read
         # only when the copy has a queue: an idle one is never beaten).
@@ -486,6 +521,7 @@ def _room_left(d: DeviceView, margin: float) -> int | None:
 def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
                policy: Policy, held_ahead: int = 0) -> Decision:
     holders = holders_of(devices)
+    service = ServiceTimes(devices, policy)
     by_node: dict[str, dict[str, DeviceView]] = {}
     for d in devices:
         by_node.setdefault(d.node_id, {})[d.device_id] = d
@@ -506,7 +542,7 @@ def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
                 group = [m for m in members if m is not None]
             else:
                 group = [device]
-            verdict = _judge(group, model_id, cost, policy, holders)
+            verdict = _judge(group, model_id, cost, policy, holders, service)
             verdicts.append(verdict)
             if verdict.reason in eligible:
                 eligible[verdict.reason].append(verdict)
@@ -520,7 +556,7 @@ def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
     if waits and held_ahead:
         # The requests already held wait for the same copies: a share of them each.
         share = held_ahead / len(waits)
-        held = {id(v): _behind_held(v, share, devices, policy) for v in waits}
+        held = {id(v): _behind_held(v, share, devices, service) for v in waits}
         verdicts = [held.get(id(v), v) for v in verdicts]
         waits = list(held.values())
     costed = [*waits, *(v for r in _ELIGIBLE for v in eligible[r])]
@@ -538,13 +574,14 @@ def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
 
 
 def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: Policy,
-           holders: Mapping[str, int], *, over_limit: bool = False) -> Verdict:
+           holders: Mapping[str, int], service: ServiceTimes, *, over_limit: bool = False
+           ) -> Verdict:
     first = group[0]
     ids = tuple(d.device_id for d in group)
     need = split_need(cost.memory_need_mb, ids, cost.split)
     queue = max(d.queue for d in group)
     margin = policy.memory_safety_margin
-    svc = service_s(cost, policy)
+    svc = service.of(model_id, cost)
     weighted_load = policy.load_weight * cost.load_s
 
     def verdict(reason: Reason, **extra: Any) -> Verdict:
@@ -565,7 +602,7 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
                 group, ids, model_id, need, cost, policy, over_limit=True) is None:
             # What it would do once under its limit, and what waiting for that costs: the
             # decision may prefer waiting (the dispatcher holds the request) to a load.
-            would = _judge(group, model_id, cost, policy, holders, over_limit=True)
+            would = _judge(group, model_id, cost, policy, holders, service, over_limit=True)
             if would.reason is Reason.MODEL_LOADED:
                 return replace(would, reason=Reason.AT_PENDING_LIMIT, would=would.reason)
         return verdict(excluded[0], **excluded[1])
@@ -576,7 +613,7 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     mine = next((r for r in first.residents if r.model_id == model_id and r.holds
                  and (r.devices or (first.device_id,)) == ids), None)
     if mine is not None:
-        wait, load = loaded_expected(queue, mine.state is InstanceState.STARTING, cost, policy)
+        wait, load = loaded_expected(queue, mine.state is InstanceState.STARTING, cost, svc)
         return costed(Reason.MODEL_LOADED, wait, load, 0.0)
 
     rooms = {d.device_id: Room(d.memory_total_mb, margin, d.memory_free_mb) for d in group}
@@ -676,12 +713,12 @@ def _residents(group: Sequence[DeviceView], holders: Mapping[str, int]) -> dict[
             for k, v in out.items()}
 
 
-def _behind_held(v: Verdict, share: float, devices: Sequence[DeviceView], policy: Policy
-                 ) -> Verdict:
+def _behind_held(v: Verdict, share: float, devices: Sequence[DeviceView],
+                 service: ServiceTimes) -> Verdict:
     device = next(d for d in devices if d.node_id == v.node_id
                   and d.device_id == v.device_id.split("+")[0])
     cost = device.servable[v.model_id]
-    extra = round(share * service_s(cost, policy), 6)
+    extra = round(share * service.of(v.model_id, cost), 6)
     return replace(v, wait_s=(v.wait_s or 0.0) + extra, expected_s=(v.expected_s or 0.0) + extra,
                    note=f"{share:g} held ahead at the dispatcher")
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rolemesh.config_loading import load_config, load_config_file
+from rolemesh.cost_model import CostModel
 
 MB_PER_GB = 1024
 # Weights plus a KV cache for a modest context: what a shorthand model needs by default.
@@ -150,7 +151,7 @@ class DispatcherSettings(StrictModel):
     # Buffering (dispatcher/config.py): requests held at the dispatcher while every
     # candidate is busy, and for how long; 0 requests: answer 503 at once, as before.
     max_buffered_requests: int = Field(default=512, ge=0)
-    default_service_s: float = Field(default=10.0, gt=0)  # before a request was measured
+    cost_model: CostModel = Field(default_factory=CostModel)  # the dispatcher's own
     buffer_timeout_s: float = Field(default=300.0, gt=0)
 
 

@@ -24,7 +24,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from rolemesh.decision import Action, Outcome, Policy, choose
+from rolemesh.decision import Action, Outcome, choose
 from rolemesh.simulate import residency_adapter
 from rolemesh.simulate.cluster import ClusterFile
 from rolemesh.simulate.planners import DevicePlanner, QueuePlanner, TodaysAgent
@@ -94,9 +94,9 @@ class RoleMesh:
         else:
             self._planner = TodaysAgent(cluster.agent.max_switch_wait_s)
             self.agent_rules = "node_agent/slot.py (one model per device)"
-        self._policy = Policy(memory_safety_margin=cluster.dispatcher.memory_safety_margin,
-                              busy_retry_after_s=cluster.dispatcher.busy_retry_after_s,
-                              default_service_s=cluster.dispatcher.default_service_s)
+        self._policy = cluster.dispatcher.cost_model.policy(
+            memory_safety_margin=cluster.dispatcher.memory_safety_margin,
+            busy_retry_after_s=cluster.dispatcher.busy_retry_after_s)
 
     def planner(self) -> DevicePlanner:
         return self._planner

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from rolemesh.api import NodeInventory
 from tests.agent_harness import FakeGpuBackend, agent_config, chat, post_chat, running_agent
@@ -202,6 +203,24 @@ async def test_the_inventory_reports_how_long_a_request_holds_the_device_per_mod
         # A request holds the device no longer than its client waited for it.
         assert 0 < service <= max(took)
         assert by_id["digits-1"].service_s is None  # never asked: the policy's default
+
+
+async def test_the_agent_weighs_a_load_with_its_configured_cost_model(
+        tmp_path, tiny_models, fake_llama_server_bin):
+    # For requests sent to it directly the agent decides over its own devices, with the
+    # weights in its config: /v1/route shows a load priced at load_weight x its seconds.
+    loads = {}
+    for weight in (None, 1.5):
+        extra = {} if weight is None else {"cost_model": {"load_weight": weight}}
+        config = agent_config(tmp_path / str(weight), two_models(tiny_models), **extra)
+        async with running_agent(config, fake_llama_server_bin) as agent, \
+                aiohttp.ClientSession() as s:
+            async with s.get(agent.url + "/v1/route", params={"model": "coder"}) as resp:
+                (candidate,) = (await resp.json())["candidates"]
+            assert candidate["reason"] == "fits_empty_device"
+            loads[weight] = candidate["load_s"]
+    assert loads[None] > 0
+    assert loads[None] / loads[1.5] == pytest.approx(4 / 1.5, rel=1e-3)  # default: 4
 
 
 async def test_a_name_only_the_dispatcher_knows_is_served_by_the_model_it_resolved_to(

@@ -243,3 +243,31 @@ async def test_requests_in_flight_count_against_the_device_until_they_finish():
         assert [dev["dispatcher_in_flight"] for dev in nodes["data"][0]["devices"]] == [0, 0]
         status, _, _ = await post(s, d.url, chat("planner"))
         assert status == 200
+
+
+async def test_the_operators_load_weight_decides_when_a_queue_is_worth_another_copy():
+    # coder-7b runs on gpu:0 with two requests ahead (2 x 10 s); gpu:1 is empty and a load
+    # takes 6 s. At the default weight a load counts 4 x 6 = 24 s: the request waits for
+    # the copy it has. An operator whose loads are cheap sets load_weight 2 (12 s): the
+    # same queue is now worth a second copy.
+    models = [FakeModel("coder-7b", ["coder"], last_load_s=6.0)]
+
+    def agent() -> FakeAgent:
+        return FakeAgent("node-a", [FakeDevice("gpu:0", loaded=["coder-7b"], pending_limit=4,
+                                               reported_in_flight=2),
+                                    FakeDevice("gpu:1")], models)
+
+    for config, device, action, load_s in (
+            (dispatcher_config(), "gpu:0", "use_loaded", 24.0),
+            (dispatcher_config(cost_model={"load_weight": 2}), "gpu:1", "load_on_empty", 12.0)):
+        a = agent()
+        async with running_agents(a), running_dispatcher(config) as d, \
+                aiohttp.ClientSession() as s:
+            await a.register(s, d.url)
+            route = await get_json(s, d.url + "/v1/route?model=coder")
+            assert (route["winner"]["device_id"], route["action"]) == (device, action)
+            empty = next(c for c in route["candidates"] if c["device_id"] == "gpu:1")
+            assert empty["load_s"] == load_s
+            status, _, answer = await post(s, d.url, chat("coder"))
+            assert status == 200
+            assert content(answer) == f"node-a/{device}/coder-7b"

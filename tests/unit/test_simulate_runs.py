@@ -122,3 +122,25 @@ def test_the_cli_prints_a_table_per_trace_and_policy_and_json_lines(capsys, tmp_
 def test_an_unknown_policy_is_a_clear_error(capsys):
     assert main(["simulate", "--cluster", str(EXAMPLE), "--policy", "magic"]) == 2
     assert "unknown policy 'magic'" in capsys.readouterr().err
+
+
+def test_the_cost_model_can_be_set_for_a_run_and_the_table_says_which_ran(capsys, tmp_path):
+    # Loads weighted 1,000x: agents asking at once wait for one copy each of planner and
+    # coder instead of loading more (the default makes copies: lower p95, more loads).
+    runs = {}
+    for weight in ("4", "1000"):
+        out_file = tmp_path / f"{weight}.jsonl"
+        assert main(["simulate", "--cluster", str(EXAMPLE), "--trace", "agents",
+                     "--requests", "300", "--policy", "rolemesh", "--cost-model",
+                     f"load_weight={weight}", "--jsonl", str(out_file)]) == 0
+        assert f"cost model: default_service_s 10, load_weight {weight}," in \
+            capsys.readouterr().out
+        (runs[weight],) = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert runs["1000"]["loads"] == 2
+    assert runs["4"]["loads"] > 2
+    assert runs["4"]["p95_s"] < runs["1000"]["p95_s"]
+
+
+def test_a_bad_cost_model_setting_is_a_clear_error(capsys):
+    assert main(["simulate", "--cluster", str(EXAMPLE), "--cost-model", "load_weight=-1"]) == 2
+    assert "load_weight: Input should be greater than or equal to 0" in capsys.readouterr().err
