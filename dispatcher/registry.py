@@ -9,7 +9,7 @@ requests in flight per device. Records are immutable and replaced on change, so 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -85,6 +85,35 @@ class Change:
     change: str  # "down" or "forgotten"
 
 
+class ServiceFigures:
+    """Each model's measured service time per node, and its mean over the nodes: what a
+    node that has not measured a model yet is priced at (`choose(measured=...)`). Kept as
+    running sums so a request reads a mean in O(1) however many nodes report."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[str, dict[str, float]] = {}  # node -> model -> seconds
+        self._sum: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def report(self, node_id: str, figures: Mapping[str, float]) -> None:
+        self.drop(node_id)
+        self._by_node[node_id] = dict(figures)
+        for model_id, s in figures.items():
+            self._sum[model_id] = self._sum.get(model_id, 0.0) + s
+            self._count[model_id] = self._count.get(model_id, 0) + 1
+
+    def drop(self, node_id: str) -> None:
+        for model_id, s in self._by_node.pop(node_id, {}).items():
+            self._count[model_id] -= 1
+            if self._count[model_id]:
+                self._sum[model_id] -= s
+            else:
+                del self._count[model_id], self._sum[model_id]
+
+    def means(self, model_ids: Iterable[str]) -> dict[str, float]:
+        return {m: self._sum[m] / self._count[m] for m in model_ids if m in self._count}
+
+
 class Registry:
     def __init__(self, *, timeout_s: float, forget_s: float, default_load_s: float = 5.0,
                  clock: Callable[[], float]) -> None:
@@ -97,6 +126,7 @@ class Registry:
         self._own: dict[Key, int] = {}
         self._own_model: dict[tuple[str, str, str], int] = {}
         self._last_routed: dict[Key, float] = {}
+        self.service = ServiceFigures()
         # Called after each change that may free room for a request held at the
         # dispatcher (dispatcher/buffering.py): a request ended, a report or an answer's
         # headers told a device's state, a node joined or stopped draining.
@@ -173,6 +203,7 @@ class Registry:
             if silent_s >= self.forget_s:
                 del self._nodes[node.node_id]
                 self._drop_devices(node)
+                self.service.drop(node.node_id)
                 changes.append(Change(node.node_id, "forgotten"))
                 log.warning("node.forgotten", node_id=node.node_id, silent_s=round(silent_s, 3))
             elif silent_s >= self.timeout_s and node.state is NodeState.UP:
@@ -190,6 +221,7 @@ class Registry:
         if node is None:
             return False
         self._drop_devices(node)
+        self.service.drop(node_id)
         self.version += 1
         log.info("node.forgotten", node_id=node_id, why=why)
         return True
@@ -301,6 +333,8 @@ class Registry:
             host_need_mb=m.host_memory_need_mb, allow_disk_paging=m.allow_disk_paging)
             for m in models}
         recent = {m.model_id: m.recent_requests for m in models}
+        self.service.report(node.node_id, {m.model_id: m.service_s for m in models
+                                           if m.service_s is not None})
         return replace(node, models=tuple(models), costs=costs, recent_requests=recent)
 
     def _with_devices(self, node: NodeRecord, devices: list[DeviceStatus]) -> NodeRecord:

@@ -57,7 +57,8 @@ class Router:
             self._memo.clear()
             self._memo_version = self.registry.version
         views = device_views(self.registry.snapshot(), resolution.node_ids, exclude, self._memo)
-        return choose(resolution.model_ids, views, self.policy, held_ahead)
+        return choose(resolution.model_ids, views, self.policy, held_ahead,
+                      measured=self.registry.service.means(resolution.model_ids))
 
     def error_for(self, decision: Decision, name: str) -> RoleMeshError:
         """The error a client gets for a decision without a winner."""

@@ -348,37 +348,20 @@ def _cost_key(v: Verdict) -> tuple[Any, ...]:
 
 class ServiceTimes:
     """Seconds one request of a model holds a device, per candidate: what its node
-    measured; else the mean of what the other nodes measured for the same model (a node
-    that just joined, or never ran it, is not priced at a guess while others know); else
-    the policy's `default_service_s`. Borrowed figures are worked out once per decision,
-    and only when a queue needs pricing."""
+    measured; else `measured`, the mean of what the nodes that did measure it report (a
+    node that just joined, or never ran the model, is not priced at a guess while others
+    know: the dispatcher's registry keeps it); else the policy's `default_service_s`."""
 
-    __slots__ = ("_borrowed", "_default", "_devices")
+    __slots__ = ("_default", "measured")
 
-    def __init__(self, devices: Sequence[DeviceView], policy: Policy) -> None:
-        self._devices = devices
+    def __init__(self, measured: Mapping[str, float] | None, policy: Policy) -> None:
+        self.measured: Mapping[str, float] = measured or {}
         self._default = policy.default_service_s
-        self._borrowed: dict[str, float] = {}
 
     def of(self, model_id: str, cost: ModelCost) -> float:
         if cost.service_s is not None:
             return cost.service_s
-        borrowed = self._borrowed.get(model_id)
-        if borrowed is None:
-            borrowed = self._borrowed[model_id] = self._measured_elsewhere(model_id)
-        return borrowed
-
-    def _measured_elsewhere(self, model_id: str) -> float:
-        seen: set[str] = set()  # a node's devices share its figures: count each node once
-        figures = []
-        for d in self._devices:
-            if d.node_id in seen:
-                continue
-            seen.add(d.node_id)
-            cost = d.servable.get(model_id)
-            if cost is not None and cost.service_s is not None:
-                figures.append(cost.service_s)
-        return sum(figures) / len(figures) if figures else self._default
+        return self.measured.get(model_id, self._default)
 
 
 def loaded_expected(queue: int, starting: bool, cost: ModelCost, svc: float
@@ -412,19 +395,23 @@ _DEFAULT_POLICY = Policy()
 
 
 def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
-           policy: Policy | None = None, held_ahead: int = 0) -> Decision:
+           policy: Policy | None = None, held_ahead: int = 0,
+           measured: Mapping[str, float] | None = None) -> Decision:
     """`held_ahead`: requests for the same name the dispatcher already holds, older than
-    this one; waiting for a busy copy means waiting behind them too."""
+    this one; waiting for a busy copy means waiting behind them too. `measured`: each
+    model's service time over the nodes that measured it, for the nodes that have not."""
     policy = policy or _DEFAULT_POLICY
     wanted = tuple(dict.fromkeys(model_ids))
-    fast = _use_loaded_fast(wanted, devices, policy, held_ahead)
+    service = ServiceTimes(measured, policy)
+    fast = _use_loaded_fast(wanted, devices, policy, service, held_ahead)
     if fast is not None:
         return fast
-    return _judge_all(wanted, devices, policy, held_ahead)
+    return _judge_all(wanted, devices, policy, service, held_ahead)
 
 
 def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # noqa: PLR0912, PLR0915
-                     policy: Policy, held_ahead: int = 0) -> Decision | None:
+                     policy: Policy, service: ServiceTimes, held_ahead: int = 0
+                     ) -> Decision | None:
     """Rule 3 without judging every candidate: the common case, kept cheap at scale.
 
     Only single-device instances of a wanted model are looked at; when one of them can
@@ -442,8 +429,8 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
     best_wait = math.inf
     waits_here, wait_svc = 0, 0.0
     idle_found = False
-    service = ServiceTimes(devices, policy)
     starting = InstanceState.STARTING
+    measured_s, default_svc = service.measured, policy.default_service_s
     for d in devices:
         if wanted_set.isdisjoint(d.single_holds):
             continue
@@ -468,9 +455,9 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
             if room is not None and free is not None and free < room:
                 room = free
             # loaded_expected(), inlined: this loop runs per request over every device.
-            svc = cost.service_s
+            svc = cost.service_s  # service.of(), inlined
             if svc is None:
-                svc = service.of(model, cost) if queue or at_limit else 0.0
+                svc = measured_s.get(model, default_svc)
             expected = queue * svc
             if r.state is starting:
                 expected += 0.5 * cost.load_s
@@ -506,7 +493,8 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
                      wait_s=wait, load_s=load, regret_s=0.0, last_routed=d.last_routed)
     snapshot = list(devices)
     return Decision(Outcome.ROUTED, wanted, None, winner=winner, action=Action.USE_LOADED,
-                    judge_all=lambda: _judge_all(wanted, snapshot, policy, held_ahead))
+                    judge_all=lambda: _judge_all(wanted, snapshot, policy, service,
+                                                 held_ahead))
 
 
 def _room_left(d: DeviceView, margin: float) -> int | None:
@@ -519,9 +507,8 @@ def _room_left(d: DeviceView, margin: float) -> int | None:
 
 
 def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
-               policy: Policy, held_ahead: int = 0) -> Decision:
+               policy: Policy, service: ServiceTimes, held_ahead: int = 0) -> Decision:
     holders = holders_of(devices)
-    service = ServiceTimes(devices, policy)
     by_node: dict[str, dict[str, DeviceView]] = {}
     for d in devices:
         by_node.setdefault(d.node_id, {})[d.device_id] = d

@@ -70,6 +70,16 @@ class World:
         """The node's figure, as its agent reports it (over the node's devices)."""
         return service_s((m for k, m in self.meters.items() if k[0] == node_id), model_id)
 
+    def measured(self, model_ids: Sequence[str]) -> dict[str, float]:
+        """What the dispatcher's registry keeps: each model's figure averaged over the
+        nodes that measured it (`choose(measured=...)`)."""
+        out = {}
+        for m in model_ids:
+            figures = [s for n in self.nodes if (s := self.service_s(n, m)) is not None]
+            if figures:
+                out[m] = sum(figures) / len(figures)
+        return out
+
     def serves(self, key: Key, model_id: str) -> bool:
         return model_id in self.devices[key].memory_mb
 

@@ -45,9 +45,10 @@ async def test_a_burst_beyond_the_pending_limit_is_held_and_served_not_refused()
             aiohttp.ClientSession() as s:
         await a.register(s, d.url)
         burst = [asyncio.create_task(ask(s, d.url)) for _ in range(6)]
-        # Two reach the device (its limit); four wait at the dispatcher.
-        await wait_until(lambda: held(d) == 4, what="four requests held")
-        assert len(a.seen) == 2
+        # Two reach the device (its limit); four wait at the dispatcher. (Both are waited
+        # for: a request routed is not yet one the agent has seen.)
+        await wait_until(lambda: held(d) == 4 and len(a.seen) == 2,
+                         what="two requests at the device, four held")
         a.knobs.hold.set()
         answers = await asyncio.gather(*burst)
         assert [status for status, _, _ in answers] == [200] * 6

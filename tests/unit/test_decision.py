@@ -11,7 +11,7 @@ import itertools
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -680,6 +680,8 @@ def random_cluster(rng: random.Random) -> tuple[list[str], list[DeviceView], Pol
         co = rng.random() > 0.2
         serves = rng.sample(names, rng.randint(1, 3))
         sets = rng.choice([{}, {}, {"s": frozenset(rng.sample(names, 2))}])
+        costs = {m: replace(MODELS[m], service_s=rng.choice([None, None, 0.5, 4.0, 30.0]))
+                 for m in serves}  # measured on this node, or not yet
         for i in range(rng.randint(1, 3)):
             total = rng.choice([None, 8_000, 12_000, 16_000, 24_000, 48_000])
             loaded = rng.sample(names, rng.choice([0, 0, 1, 1, 2, 3]))
@@ -693,7 +695,7 @@ def random_cluster(rng: random.Random) -> tuple[list[str], list[DeviceView], Pol
             failed = {m: 1.5 for m in names if rng.random() < 0.08}
             held = frozenset(rng.sample(names, 2)) if rng.random() < 0.1 else None
             devices.append(DeviceView(
-                node_id=node, device_id=f"gpu:{i}", servable={m: MODELS[m] for m in serves},
+                node_id=node, device_id=f"gpu:{i}", servable=costs,
                 memory_total_mb=total, memory_free_mb=free, residents=residents,
                 in_flight=rng.randint(0, 2), pending=rng.randint(0, 2),
                 pending_limit=rng.randint(1, 4), up=up,
@@ -764,15 +766,16 @@ def test_invariants_hold_over_random_clusters() -> None:
 
 
 def test_the_fast_path_for_a_loaded_model_decides_exactly_as_judging_every_candidate() -> None:
-    from rolemesh.decision import _judge_all  # the reference: every candidate judged
+    from rolemesh.decision import ServiceTimes, _judge_all  # the reference: all judged
 
     rng = random.Random(7)
     fast_hits = 0
     for _ in range(3000):
         models, devices, policy = random_cluster(rng)
         wanted = tuple(dict.fromkeys(models))
-        fast = choose(models, devices, policy)
-        full = _judge_all(wanted, devices, policy)
+        measured = {m: rng.choice([0.2, 8.0, 40.0]) for m in wanted if rng.random() < 0.5}
+        fast = choose(models, devices, policy, measured=measured)
+        full = _judge_all(wanted, devices, policy, ServiceTimes(measured, policy))
         assert fast.outcome == full.outcome
         assert fast.action == full.action
         assert fast.winner == full.winner

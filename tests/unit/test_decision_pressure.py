@@ -184,40 +184,37 @@ def test_a_queue_is_priced_at_its_models_measured_service_time():
                                                                     Action.LOAD_ON_EMPTY)
 
 
-def measured(service: float | None) -> dict[str, ModelCost]:
+def measured_as(service: float | None) -> dict[str, ModelCost]:
     return {**MODELS, "chat": replace(MODELS["chat"], service_s=service)}
 
 
-@pytest.mark.parametrize(("figures", "borrowed"), [
-    ((0.05, None), 0.05),  # node b has not measured chat yet: it is priced as a is
-    ((2.0, 4.0, None), 3.0),  # the mean of the nodes that measured it
-    ((None, None), 10.0),  # nobody has: the policy's default
+@pytest.mark.parametrize(("own", "measured", "wait"), [
+    (None, {"chat": 0.05}, 0.05),  # not measured here: priced as the other nodes measured
+    (None, {}, 10.0),  # nobody has: the policy's default
+    (2.0, {"chat": 3.0}, 2.0),  # its own figure wins
 ])
-def test_a_node_that_has_not_measured_a_model_borrows_the_other_nodes_figure(
-        figures, borrowed):
+def test_a_node_that_has_not_measured_a_model_is_priced_at_the_clusters_figure(
+        own, measured, wait):
     # Situation (a battery test, and any node that just joined): node a measured chat at
     # 0.05 s a request, node b has not run one yet. Priced at the default 10 s, b's one
     # queued request looked like 10 s against a's 0.05 s a request, so every request of a
-    # burst went to a. Fix: an unmeasured node borrows the figure the others measured.
-    nodes = "abcdefg"
-    devices = [replace(dev("gpu:0", node=nodes[i], loaded=[ready("chat", 1)]),
-                       servable=measured(f)) for i, f in enumerate(figures)]
-    unmeasured = next(i for i, f in enumerate(figures) if f is None)
-    verdicts = {v.node_id: v for v in choose(["chat"], devices).verdicts}
-    assert verdicts[nodes[unmeasured]].wait_s == pytest.approx(borrowed)
-    for i, f in enumerate(figures):
-        if f is not None:  # a node's own figure is its own
-            assert verdicts[nodes[i]].wait_s == pytest.approx(f)
+    # burst went to a. Fix: the dispatcher passes each model's figure over the nodes that
+    # measured it (its registry keeps the mean), and an unmeasured node is priced at it.
+    b = replace(dev("gpu:0", node="b", loaded=[ready("chat", 1)]), servable=measured_as(own))
+    (verdict,) = choose(["chat"], [b], measured=measured).verdicts
+    assert verdict.wait_s == pytest.approx(wait)
 
 
 def test_a_burst_spreads_over_two_copies_when_only_one_node_has_measured():
-    a = replace(dev("gpu:0", node="a", loaded=[ready("chat", 1)]), servable=measured(0.05))
-    b = replace(dev("gpu:0", node="b", loaded=[ready("chat", 0)]), servable=measured(None))
-    assert choose(["chat"], [a, b]).winner.node_id == "b"  # idle: no wait at all
+    a = replace(dev("gpu:0", node="a", loaded=[ready("chat", 1)]), servable=measured_as(0.05))
+    b = replace(dev("gpu:0", node="b", loaded=[ready("chat", 0)]), servable=measured_as(None))
+    cluster = {"chat": 0.05}
+    assert choose(["chat"], [a, b], measured=cluster).winner.node_id == "b"  # b is idle
     b1 = replace(b, in_flight=1, residents=(replace(b.residents[0], busy=1),))
     a2 = replace(a, in_flight=2, residents=(replace(a.residents[0], busy=2),))
     # b's one request is priced at a's 0.05 s, less than a's two: b takes the next one.
-    assert choose(["chat"], [a2, b1]).winner.node_id == "b"
+    assert choose(["chat"], [a2, b1], measured=cluster).winner.node_id == "b"
+    assert choose(["chat"], [a2, b1]).winner.node_id == "a"  # at the 10 s default: a
 
 
 # -- the agent's patience is the switch's round trip --------------------------------------------

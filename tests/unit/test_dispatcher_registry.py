@@ -90,6 +90,28 @@ def test_a_models_measured_service_time_reaches_its_cost_and_none_leaves_the_def
     assert node.costs["m2"].service_s is None  # the decision's default_service_s
 
 
+def test_the_registry_keeps_each_models_service_time_over_the_nodes_that_measured_it(
+        registry, clock):
+    # What a node that has not measured a model yet is priced at (choose(measured=...)).
+    registry.register(inventory("node-a", models=[model("m1", service_s=2.0), model("m2")]))
+    registry.register(inventory("node-b", models=[model("m1", service_s=4.0)]))
+    registry.register(inventory("node-c", models=[model("m1")]))
+    assert registry.service.means(["m1", "m2", "m9"]) == {"m1": 3.0}  # m2: nobody has
+    # A heartbeat's models replace the node's figures.
+    assert registry.heartbeat(beat("node-b", models=[model("m1", service_s=8.0),
+                                                     model("m2", service_s=1.0)]))
+    assert registry.service.means(["m1", "m2"]) == {"m1": 5.0, "m2": 1.0}
+    assert registry.heartbeat(beat("node-c", models=[model("m1", service_s=5.0)]))
+    assert registry.service.means(["m1"]) == {"m1": 5.0}
+    # A node that left takes its figures with it, whether it said so or fell silent.
+    assert registry.forget("node-b", "deregistered")
+    assert registry.service.means(["m1", "m2"]) == {"m1": 3.5}
+    clock.now += 61.0
+    registry.heartbeat(beat("node-a", seq=5, models=[model("m1", service_s=2.0)]))
+    registry.expire()  # node-c is forgotten
+    assert registry.service.means(["m1"]) == {"m1": 2.0}
+
+
 def test_a_newer_heartbeat_replaces_the_devices_and_keeps_models_when_it_has_none(registry):
     registry.register(inventory())
     assert registry.heartbeat(beat(seq=2, devices=[device(instances=[
