@@ -57,7 +57,8 @@ class AgentError(RoleMeshError):
     """An agent's own error answer, passed on with its status and code."""
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
-        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        reported = body.get("error")
+        error: dict[str, Any] = reported if isinstance(reported, dict) else {}
         super().__init__(str(error.get("message", "the agent refused")))
         self.status = status  # type: ignore[misc]
         self._code = str(error.get("code", "agent_error"))

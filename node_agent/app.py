@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from node_agent import handlers, handlers_ops
 from node_agent.appkeys import HTTP_KEY, NODE_KEY, UPSTREAM_TIMEOUT_KEY
@@ -35,8 +36,7 @@ OPEN_PATHS = frozenset({"/health"})
 
 
 
-def auth_middleware(token: str | None) -> Callable[[web.Request, Handler],
-                                                  Awaitable[web.StreamResponse]]:
+def auth_middleware(token: str | None) -> Middleware:
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is not None and request.path not in OPEN_PATHS and \

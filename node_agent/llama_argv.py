@@ -28,9 +28,9 @@ def build_argv(binary: str | Path, model: ModelConfig, port: int) -> list[str]:
         "--n-gpu-layers": model.gpu_layers,
         "--main-gpu": model.main_gpu,
     }
-    for flag, value in numeric.items():
-        if value is not None:
-            argv += [flag, str(value)]
+    for flag, number in numeric.items():
+        if number is not None:
+            argv += [flag, str(number)]
     if model.tensor_split is not None:
         argv += ["--tensor-split", ",".join(_flag_value(v) for v in model.tensor_split)]
     if model.split_mode is not None:

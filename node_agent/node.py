@@ -191,9 +191,9 @@ class Node:
         while True:
             self._figures_at = -FIGURES_TTL_S  # read fresh figures
             figures = self.figures()
-            short = {d: (figures[d].memory_free_mb, need) for d, need in inst.charged_mb.items()
-                     if d != "cpu" and d in figures and figures[d].memory_free_mb is not None
-                     and figures[d].memory_free_mb < need}
+            short = {d: (free, need) for d, need in inst.charged_mb.items()
+                     if d != "cpu" and d in figures
+                     and (free := figures[d].memory_free_mb) is not None and free < need}
             if not short:
                 return
             if self._clock() >= deadline:

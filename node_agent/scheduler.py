@@ -435,7 +435,7 @@ class NodeScheduler:
         finally:
             self._planning = False
 
-    def _execute(self, actions: list[object], now: float) -> None:
+    def _execute(self, actions: Sequence[object], now: float) -> None:
         waiters = {w.id: w for w in self._waiters}
         wants = {w.id: w for w in self._wants}
         wake: float | None = None
