@@ -9,7 +9,7 @@ requests in flight per device. Records are immutable and replaced on change, so 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -25,6 +25,7 @@ from rolemesh.api import (
 )
 from rolemesh.decision import ModelCost
 from rolemesh.errors import NodeNotFound
+from rolemesh.service_time import ServiceFigures
 
 log = structlog.get_logger("dispatcher.registry")
 
@@ -83,35 +84,6 @@ class RegistrySnapshot:
 class Change:
     node_id: str
     change: str  # "down" or "forgotten"
-
-
-class ServiceFigures:
-    """Each model's measured service time per node, and its mean over the nodes: what a
-    node that has not measured a model yet is priced at (`choose(measured=...)`). Kept as
-    running sums so a request reads a mean in O(1) however many nodes report."""
-
-    def __init__(self) -> None:
-        self._by_node: dict[str, dict[str, float]] = {}  # node -> model -> seconds
-        self._sum: dict[str, float] = {}
-        self._count: dict[str, int] = {}
-
-    def report(self, node_id: str, figures: Mapping[str, float]) -> None:
-        self.drop(node_id)
-        self._by_node[node_id] = dict(figures)
-        for model_id, s in figures.items():
-            self._sum[model_id] = self._sum.get(model_id, 0.0) + s
-            self._count[model_id] = self._count.get(model_id, 0) + 1
-
-    def drop(self, node_id: str) -> None:
-        for model_id, s in self._by_node.pop(node_id, {}).items():
-            self._count[model_id] -= 1
-            if self._count[model_id]:
-                self._sum[model_id] -= s
-            else:
-                del self._count[model_id], self._sum[model_id]
-
-    def means(self, model_ids: Iterable[str]) -> dict[str, float]:
-        return {m: self._sum[m] / self._count[m] for m in model_ids if m in self._count}
 
 
 class Registry:

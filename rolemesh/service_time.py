@@ -15,7 +15,7 @@ for 40 s took 10 s of the device. Its own duration would count the neighbours' w
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 WINDOW = 20  # requests per model the figure is the mean of: recent enough to follow a change
@@ -63,3 +63,34 @@ def service_s(meters: Iterable[ServiceMeter], model_id: str) -> float | None:
     """The mean over a node's devices' recent figures for a model; None before one ended."""
     samples = [s for m in meters for s in m.samples(model_id)]
     return sum(samples) / len(samples) if samples else None
+
+
+class ServiceFigures:
+    """Each model's measured service time per node, and its mean over the nodes: what a
+    node that has not measured a model yet is priced at (`choose(measured=...)`). The
+    dispatcher's registry keeps one from the nodes' reports, the simulator one from its
+    simulated agents'. Running sums, so a request reads a mean in O(1) however many nodes
+    report."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[str, dict[str, float]] = {}  # node -> model -> seconds
+        self._sum: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def report(self, node_id: str, figures: Mapping[str, float]) -> None:
+        self.drop(node_id)
+        self._by_node[node_id] = dict(figures)
+        for model_id, s in figures.items():
+            self._sum[model_id] = self._sum.get(model_id, 0.0) + s
+            self._count[model_id] = self._count.get(model_id, 0) + 1
+
+    def drop(self, node_id: str) -> None:
+        for model_id, s in self._by_node.pop(node_id, {}).items():
+            self._count[model_id] -= 1
+            if self._count[model_id]:
+                self._sum[model_id] -= s
+            else:
+                del self._count[model_id], self._sum[model_id]
+
+    def means(self, model_ids: Iterable[str]) -> dict[str, float]:
+        return {m: self._sum[m] / self._count[m] for m in model_ids if m in self._count}

@@ -284,7 +284,7 @@ class Simulation:
     def finished(self, rid: int, key: Key, now: float) -> None:
         req = self.requests[rid]
         req.done_t = now
-        self.world.meter(key).finished(rid, now)
+        self.world.request_finished(key, rid, now)
         self._end(req, "ok", now)
         self._wake_buffer(now)
 

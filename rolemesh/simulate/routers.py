@@ -105,7 +105,7 @@ class RoleMesh:
               excluded: Collection[Key]) -> Route | Refusal:
         decision = choose(model_ids, device_views(world, model_ids, now, excluded,
                                                   self.co_residency), self._policy,
-                          world.held_ahead, measured=world.measured(model_ids))
+                          world.held_ahead, measured=world.service.means(model_ids))
         winner = decision.winner
         if winner is None:
             kind = {Outcome.FITS_NOWHERE: "fits_nowhere",

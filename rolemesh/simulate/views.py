@@ -3,8 +3,9 @@
 What the dispatcher would know, built the way dispatcher/views.py and the registry build it:
 its own count of requests sent and not finished as the queue, the node's recent requests
 per model (600 s window), last measured load time per model (`default_load_s` before the
-first load), measured service time per model (`rolemesh.service_time`; the policy's
-`default_service_s` before the first request ends), and the registry's `expect()`
+first load), measured service time per model (`rolemesh.service_time`; for a node that
+has not measured it, the mean over the nodes that have, as the registry keeps it; the
+policy's `default_service_s` before any request ends), and the registry's `expect()`
 overlay: a device the dispatcher just sent a model it did not hold shows as `starting`
 that model until the device's next answer.
 The one simplification: the node's report is always fresh (no heartbeat delay).
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 from rolemesh.api import InstanceState as WireState
 from rolemesh.decision import DeviceView, ModelCost, ResidentView
-from rolemesh.service_time import ServiceMeter, service_s
+from rolemesh.service_time import ServiceFigures, ServiceMeter, service_s
 from rolemesh.simulate.cluster import ClusterFile, SimNode
 from rolemesh.simulate.device import DeviceSim
 from rolemesh.simulate.planners import InstanceState
@@ -45,6 +46,8 @@ class World:
     node_load_s: dict[tuple[str, str], float] = field(default_factory=dict)
     # What each device's agent measures of its requests (node_agent/scheduler.py's meters).
     meters: dict[Key, ServiceMeter] = field(default_factory=dict)
+    # What the dispatcher's registry keeps of the nodes' reports: each model's mean.
+    service: ServiceFigures = field(default_factory=ServiceFigures)
     # What the dispatcher's registry records: when it last routed to each device (the
     # decision spreads equal copies by it); and, for the request being routed, how many
     # requests for the same name the dispatcher holds before it (dispatcher/buffering.py).
@@ -66,19 +69,18 @@ class World:
     def meter(self, key: Key) -> ServiceMeter:
         return self.meters.setdefault(key, ServiceMeter())
 
+    def request_finished(self, key: Key, request: int, now: float) -> None:
+        """The device's meter takes the request's figure, and its node reports its models'
+        figures to the registry (instantly: heartbeats are not modelled)."""
+        self.meter(key).finished(request, now)
+        node_id = key[0]
+        self.service.report(node_id, {
+            m: s for m in self.cluster.serves(self.nodes[node_id])
+            if (s := self.service_s(node_id, m)) is not None})
+
     def service_s(self, node_id: str, model_id: str) -> float | None:
         """The node's figure, as its agent reports it (over the node's devices)."""
         return service_s((m for k, m in self.meters.items() if k[0] == node_id), model_id)
-
-    def measured(self, model_ids: Sequence[str]) -> dict[str, float]:
-        """What the dispatcher's registry keeps: each model's figure averaged over the
-        nodes that measured it (`choose(measured=...)`)."""
-        out = {}
-        for m in model_ids:
-            figures = [s for n in self.nodes if (s := self.service_s(n, m)) is not None]
-            if figures:
-                out[m] = sum(figures) / len(figures)
-        return out
 
     def serves(self, key: Key, model_id: str) -> bool:
         return model_id in self.devices[key].memory_mb
