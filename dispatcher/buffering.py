@@ -10,9 +10,12 @@ at once; a request that waited its whole time gets a 504 `queue_timeout`. A clie
 disconnects cancels its handler (the service runs with handler cancellation), which takes
 it out of here at once.
 
-Held requests are woken oldest first, so they are placed in the order they came; each
-one's decision also counts the requests for the same name held before it
-(`ahead()`): waiting for a busy copy means waiting behind them too.
+Held requests decide again oldest first, one name at a time in turn (`Buffer._pass`), so
+they are placed in the order they came; each one's decision also counts the requests for
+the same name held before it (`ahead()`): waiting for a busy copy means waiting behind
+them too. A request leaves the count the moment it is placed, not when it is answered.
+The simulator's dispatcher holds requests by the same rules
+(`rolemesh.simulate.engine`).
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ class Buffer:
         self.max_requests = max_requests
         self.timeout_s = timeout_s
         self._clock = clock
-        self._held: dict[int, Ticket] = {}  # insertion order: oldest first
+        self._held: dict[int, Ticket] = {}  # waiting, by seq: oldest first
+        self._turn: dict[str, Ticket] = {}  # per name, the one woken to decide again
         self._seq = itertools.count()
+        self._pass_due = False
 
     @property
     def enabled(self) -> bool:
@@ -77,20 +82,38 @@ class Buffer:
         self._held[ticket.seq] = ticket
         return ticket
 
+    def placed(self, ticket: Ticket) -> None:
+        """The ticket's request got a device: it no longer waits (nor takes a place, nor
+        counts ahead of the newer ones), and the next of its name decides now."""
+        if self._held.pop(ticket.seq, None) is not None:
+            self._pass_turn(ticket)
+
+    def readmit(self, ticket: Ticket) -> None:
+        """A placed request that every device it tried refused (busy): back to its place
+        in line, oldest first, even past the count (it was admitted once)."""
+        if ticket.seq in self._held:
+            return
+        self._held[ticket.seq] = ticket
+        self._held = dict(sorted(self._held.items()))
+
     def release(self, ticket: Ticket) -> None:
+        """The request is done with the buffer (answered, failed, timed out or gone)."""
         self._held.pop(ticket.seq, None)
+        self._pass_turn(ticket)
 
     def ahead(self, name: str, ticket: Ticket | None = None) -> int:
-        """Requests for `name` held before `ticket` (all of them for a new request)."""
+        """Requests for `name` waiting here before `ticket` (all of them for a new one)."""
         return sum(1 for t in self._held.values()
                    if t.name == name and (ticket is None or t.seq < ticket.seq))
 
     async def wait(self, ticket: Ticket, not_before_s: float = 0.0) -> bool:
-        """Until the next change, or the ticket's deadline (False: its time is up).
+        """Until its turn to decide again, or the ticket's deadline (False: its time is up).
 
         `not_before_s`: after agents answered busy, at least that long (their Retry-After)
-        even if a change comes sooner, so a device that keeps refusing is not asked again
+        even if its turn comes sooner, so a device that keeps refusing is not asked again
         at every event."""
+        if self._turn.get(ticket.name) is ticket:
+            del self._turn[ticket.name]  # it decided and waits again: its name's turn ends
         start = self._clock()
         left = ticket.deadline - start
         if left <= 0:
@@ -107,6 +130,38 @@ class Buffer:
         return True
 
     def wake(self) -> None:
-        """Something changed that may let a held request through: each decides again."""
+        """Something changed that may let a held request through. The changes of one
+        moment make one pass, run once the caller is done (`_pass`)."""
+        if self._pass_due or not self._held:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._pass()
+            return
+        self._pass_due = True
+        loop.call_soon(self._pass)
+
+    def _pass(self) -> None:
+        """Per name, the oldest held request decides again; when it is placed the next of
+        its name decides (`placed`), and when it must wait the rest of its name wait too:
+        they would see the same devices, behind more held ahead of them. A request that
+        arrives decides with all of them ahead, so a copy worth loading for the line is
+        still loaded. A pass costs one decision per name held plus one per request
+        placed, not one per request held (512 held x 1,000 devices at every heartbeat)."""
+        self._pass_due = False
         for ticket in self._held.values():
-            ticket.changed.set()
+            if ticket.name not in self._turn:
+                self._give_turn(ticket)
+
+    def _pass_turn(self, ticket: Ticket) -> None:
+        if self._turn.get(ticket.name) is not ticket:
+            return
+        del self._turn[ticket.name]
+        nxt = next((t for t in self._held.values() if t.name == ticket.name), None)
+        if nxt is not None:
+            self._give_turn(nxt)
+
+    def _give_turn(self, ticket: Ticket) -> None:
+        self._turn[ticket.name] = ticket
+        ticket.changed.set()

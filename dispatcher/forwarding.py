@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -222,7 +223,8 @@ class Forwarder:
                 try:
                     return await self._forward_once(
                         request, body, head, resolution, label,
-                        buffer.ahead(resolution.name, ticket) if buffer.enabled else 0)
+                        buffer.ahead(resolution.name, ticket) if buffer.enabled else 0,
+                        None if ticket is None else partial(buffer.placed, ticket))
                 except Holdable as busy:
                     if not buffer.enabled:
                         raise busy.error from None
@@ -231,6 +233,8 @@ class Forwarder:
                         if ticket is None:
                             raise busy.error from None  # full: the 503 with Retry-After
                         log.info("request.held", held=len(buffer), why=busy.error.code)
+                    else:
+                        buffer.readmit(ticket)  # placed, and every device tried was busy
                     if not await buffer.wait(ticket, busy.retry_after_s or 0.0):
                         raise QueueTimeout(
                             f"{resolution.name!r} waited {buffer.timeout_s:g} s at the "
@@ -241,7 +245,8 @@ class Forwarder:
                 buffer.release(ticket)
 
     async def _forward_once(self, request: web.Request, body: bytes, head: OpenAIRequestHead,
-                            resolution: Resolution, label: str, held_ahead: int = 0
+                            resolution: Resolution, label: str, held_ahead: int = 0,
+                            placed: Callable[[], None] | None = None
                             ) -> web.StreamResponse:
         stream = head.stream
         base = {**self._base_headers, headers.REQUEST_ID: request_id_of(request)}
@@ -258,6 +263,8 @@ class Forwarder:
                         raise Holdable(error)
                     raise error
                 break
+            if placed is not None:
+                placed()  # before the first await: the next held one sees this one begun
             key = (winner.node_id, winner.device_id)
             node = self.registry.node(winner.node_id)
             if node is None:  # unreachable: the decision only names known nodes
