@@ -111,3 +111,11 @@ def test_residency_measures_alternation_planning_and_decision() -> None:
     assert data["decision"]["p99_us"] > 0
     assert data["memory"]["instances"] == 3
     assert "alternating two models" in table
+
+
+def test_held_counts_the_decisions_a_change_costs_with_requests_held() -> None:
+    data, table = run_bench("bench.held", "--quick")
+    rules = data["rules"]
+    assert rules["name by name (now)"]["decisions_per_change"] == 8  # one per model name
+    assert rules["every held decides"]["decisions_per_change"] == data["held"]
+    assert "ms from the change until every woken request decided" in table

@@ -336,3 +336,42 @@ def test_count_by_state(registry, clock):
     registry.register(inventory("node-b"))
     registry.expire()
     assert registry.count_by_state() == {NodeState.UP: 1, NodeState.DOWN: 1}
+
+
+@pytest.mark.parametrize(("what", "before", "after", "wakes"), [
+    ("figures only", device(in_flight=2, pending=1, memory_used_mb=9000),
+     device(in_flight=2, pending=1, memory_used_mb=9100), False),
+    ("its queue grew", device(in_flight=1), device(in_flight=2, pending=1), False),
+    ("its queue shrank", device(in_flight=2, pending=1), device(in_flight=2), True),
+    ("its limit rose", device(in_flight=4, pending_limit=4),
+     device(in_flight=4, pending_limit=8), True),
+    ("a load finished", device(instances=[instance(state=S.STARTING)]),
+     device(instances=[instance()]), True),
+    ("a model stopped", device(instances=[instance()]), device(instances=[]), True),
+    ("a back-off ended", device(failed_models={"m1": 3.0}), device(), True),
+    ("a back-off ticked", device(failed_models={"m1": 3.0}),
+     device(failed_models={"m1": 1.0}), False),
+])
+def test_a_heartbeat_tells_the_buffer_only_what_may_let_a_held_request_through(
+        registry, what, before, after, wakes):
+    woken: list[int] = []
+    registry.listeners.append(lambda: woken.append(1))
+    registry.register(inventory(devices=[before]))
+    woken.clear()
+    registry.heartbeat(beat(devices=[after]))
+    assert bool(woken) is wakes, what
+
+
+def test_a_heartbeat_that_brings_a_node_back_or_undrains_it_wakes_the_buffer(registry):
+    woken: list[int] = []
+    registry.listeners.append(lambda: woken.append(1))
+    registry.register(inventory())
+    registry.mark_down("node-a", "refused")
+    woken.clear()
+    registry.heartbeat(beat(seq=2))
+    assert woken
+    registry.heartbeat(HeartbeatRequest(node_id="node-a", seq=3, devices=[device()],
+                                        draining=True))
+    woken.clear()
+    registry.heartbeat(beat(seq=4))
+    assert woken
