@@ -49,6 +49,13 @@ async def start(buffer: Buffer, slots: Slots, labels: list[tuple[str, str]]
     return tasks
 
 
+async def hang_up(tasks: list[asyncio.Task[None]]) -> None:
+    """Every client leaves (their handlers are cancelled), as at the end of each test."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_a_change_wakes_the_oldest_of_each_name_not_every_held_request():
     buffer, slots = Buffer(512, 60), Slots()
     tasks = await start(buffer, slots, [("coder", f"c{i}") for i in range(200)]
@@ -59,9 +66,7 @@ async def test_a_change_wakes_the_oldest_of_each_name_not_every_held_request():
     # Each change: the oldest coder and the oldest planner decide, and wait again.
     assert slots.decisions == ["c0", "p0"] * 10
     assert len(buffer) == 202
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await hang_up(tasks)
     assert len(buffer) == 0
 
 
@@ -72,9 +77,7 @@ async def test_changes_of_one_moment_make_one_pass():
         buffer.wake()
     await settle()
     assert slots.decisions == ["c0"]
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await hang_up(tasks)
 
 
 async def test_slots_that_free_are_taken_oldest_first_and_the_next_decides_at_once():
@@ -86,9 +89,7 @@ async def test_slots_that_free_are_taken_oldest_first_and_the_next_decides_at_on
     assert slots.placed == ["c0", "c1", "c2"]
     assert slots.decisions == ["c0", "c1", "c2", "c3"]  # c3 found none and waits; c4 too
     assert len(buffer) == 2
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await hang_up(tasks)
 
 
 async def test_a_placed_request_leaves_the_count_and_the_line_at_once():
@@ -126,9 +127,7 @@ async def test_a_woken_request_whose_client_leaves_passes_its_turn_on():
     await settle()
     assert slots.placed == ["c1"]
     assert slots.decisions == ["c1", "c2"]
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await hang_up(tasks)
     assert len(buffer) == 0
 
 
