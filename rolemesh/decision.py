@@ -25,7 +25,7 @@ placement is one device, or the device group a model is split over. The rules, i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
@@ -159,13 +159,17 @@ class DeviceView:
 
     # Derived once, at construction (views are immutable, and read on every request).
     single_holds: frozenset[str] = field(init=False, repr=False, compare=False)
+    group_holds: frozenset[str] = field(init=False, repr=False, compare=False)
     charged_mb: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Models ready or starting here on this device alone (not split over a group), and
         # what the residents are charged here.
+        alone = (self.device_id,)
         object.__setattr__(self, "single_holds", frozenset(
-            r.model_id for r in self.residents if r.holds and not r.devices))
+            r.model_id for r in self.residents if r.holds and (r.devices or alone) == alone))
+        object.__setattr__(self, "group_holds", frozenset(
+            r.model_id for r in self.residents if r.holds and len(r.devices) > 1))
         object.__setattr__(self, "charged_mb", sum(r.charged_mb for r in self.residents))
 
 
@@ -294,6 +298,31 @@ def holders_of(devices: Sequence[DeviceView]) -> dict[str, int]:
     return holders
 
 
+class _Holders(Mapping[str, int]):
+    """`holders_of(devices)`, counted when first read: judging copies never reads it, and a
+    bounded judgement may judge no other candidate."""
+
+    __slots__ = ("_counts", "_devices")
+
+    def __init__(self, devices: Sequence[DeviceView]) -> None:
+        self._devices = devices
+        self._counts: dict[str, int] | None = None
+
+    def _all(self) -> dict[str, int]:
+        if self._counts is None:
+            self._counts = holders_of(self._devices)
+        return self._counts
+
+    def __getitem__(self, model_id: str) -> int:
+        return self._all()[model_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 def losing_cost(device: DeviceView, model_id: str, holders: Mapping[str, int]) -> float:
     """What losing `model_id`'s instance on `device` costs: zero if another copy runs."""
     if holders.get(model_id, 0) > 1:
@@ -406,7 +435,7 @@ def choose(model_ids: Sequence[str], devices: Sequence[DeviceView],
     fast = _use_loaded_fast(wanted, devices, policy, service, held_ahead)
     if fast is not None:
         return fast
-    return _judge_all(wanted, devices, policy, service, held_ahead)
+    return _judge_all(wanted, devices, policy, service, held_ahead, bounded=True)
 
 
 def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # noqa: PLR0912, PLR0915
@@ -426,12 +455,13 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
     loaded_states = _LOADED_STATES
     best: tuple[DeviceView, ResidentView] | None = None
     best_key: tuple[Any, ...] | None = None
-    best_wait = math.inf
-    waits_here, wait_svc = 0, 0.0
+    waits: list[tuple[float, float]] = []  # copies at their limit: (expected, service s)
     idle_found = False
     starting = InstanceState.STARTING
     measured_s, default_svc = service.measured, policy.default_service_s
     for d in devices:
+        if not wanted_set.isdisjoint(d.group_holds):
+            return None  # a copy split over a group: judged with its group, in full
         if wanted_set.isdisjoint(d.single_holds):
             continue
         queue = d.in_flight + d.pending
@@ -440,7 +470,8 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
         at_limit = queue >= d.pending_limit
         for r in d.residents:
             model = r.model_id
-            if model not in wanted_set or r.state not in loaded_states or r.devices:
+            if model not in wanted_set or r.state not in loaded_states or (
+                    r.devices and r.devices != (d.device_id,)):
                 continue
             cost = d.servable.get(model)
             if cost is None or model in d.failed:
@@ -461,19 +492,20 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
             expected = queue * svc
             if r.state is starting:
                 expected += 0.5 * cost.load_s
-            expected = round(expected, 6) if expected else 0.0
             if at_limit:  # waiting for it may beat every copy that takes it now
-                best_wait = min(best_wait, expected)
-                waits_here += 1
-                wait_svc = svc
+                waits.append((expected, svc))
                 continue
+            expected = round(expected, 6) if expected else 0.0
             key = (expected, queue, d.last_routed, -(room or 0), d.node_id, d.device_id, model)
             if best_key is None or key < best_key:
                 best, best_key = (d, r), key
                 idle_found = key[0] == 0.0
-    if waits_here and held_ahead:  # the same share of the held ones as in _judge_all
-        best_wait += round(held_ahead * wait_svc / waits_here, 6)
-    if best is None or best_key is None or (waits_here and best_wait < best_key[0]):
+    # Waiting for a copy at its limit costs its wait plus its share of the requests held
+    # ahead, priced as _judge_all prices it (to the bit: a tie must break the same way).
+    share = held_ahead / len(waits) if waits and held_ahead else 0.0
+    best_wait = min((round(e + (round(share * svc, 6) if share else 0.0), 6)
+                     for e, svc in waits), default=math.inf)
+    if best is None or best_key is None or best_wait < best_key[0]:
         return None
     d, r = best
     cost = d.servable[r.model_id]
@@ -506,15 +538,15 @@ def _room_left(d: DeviceView, margin: float) -> int | None:
     return left
 
 
-def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
-               policy: Policy, service: ServiceTimes, held_ahead: int = 0) -> Decision:
-    holders = holders_of(devices)
+_Candidate = tuple[Sequence[DeviceView], str, ModelCost]  # placement, model, its cost
+
+
+def _candidates(wanted: tuple[str, ...], devices: Sequence[DeviceView]) -> list[_Candidate]:
+    """Every placement where a node serves a wanted model, in the order of `devices`."""
     by_node: dict[str, dict[str, DeviceView]] = {}
     for d in devices:
         by_node.setdefault(d.node_id, {})[d.device_id] = d
-
-    verdicts: list[Verdict] = []
-    eligible: dict[Reason, list[Verdict]] = {r: [] for r in _ELIGIBLE}
+    out: list[_Candidate] = []
     for device in devices:
         for model_id in wanted:
             cost = device.servable.get(model_id)
@@ -526,27 +558,51 @@ def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
                 members = [by_node[device.node_id].get(m) for m in cost.devices]
                 if any(m is None for m in members):
                     continue  # a device of the group is not reported: not placeable
-                group = [m for m in members if m is not None]
+                out.append(([m for m in members if m is not None], model_id, cost))
             else:
-                group = [device]
-            verdict = _judge(group, model_id, cost, policy, holders, service)
-            verdicts.append(verdict)
-            if verdict.reason in eligible:
-                eligible[verdict.reason].append(verdict)
+                out.append(((device,), model_id, cost))
+    return out
 
+
+def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
+               policy: Policy, service: ServiceTimes, held_ahead: int = 0, *,
+               bounded: bool = False) -> Decision:
+    """Judge the candidates and pick the one expected to serve soonest. `bounded`: judge
+    only those that might win (`_judge_bounded`); the winner is the same."""
+    holders = _Holders(devices)
+    candidates = _candidates(wanted, devices)
+    if bounded:
+        pruned = _judge_bounded(wanted, candidates, devices, policy, service, holders,
+                                held_ahead)
+        if isinstance(pruned, Decision):
+            return pruned
+        verdicts = pruned
+    else:
+        verdicts = [_judge(group, model_id, cost, policy, holders, service)
+                    for group, model_id, cost in candidates]
+    return _pick(wanted, verdicts, candidates, devices, policy, service, held_ahead)
+
+
+def _pick(wanted: tuple[str, ...], verdicts: list[Verdict], candidates: list[_Candidate],
+          devices: Sequence[DeviceView], policy: Policy, service: ServiceTimes,
+          held_ahead: int) -> Decision:
+    """The decision over every candidate's verdict (in `candidates`' order)."""
+    eligible: dict[Reason, list[Verdict]] = {r: [] for r in _ELIGIBLE}
+    for verdict in verdicts:
+        if verdict.reason in eligible:
+            eligible[verdict.reason].append(verdict)
     # Every candidate is weighed by its expected seconds to serve, whatever it would do:
     # use a copy, load beside, evict idle models, switch after a queue, or (a copy at its
     # pending limit) wait while the dispatcher holds the request. On a tie: a copy before
     # a load beside before an eviction before a switch, then each rule's own ranking.
-    waits = [v for v in verdicts if v.reason is Reason.AT_PENDING_LIMIT
-             and v.would is Reason.MODEL_LOADED]
+    waits = [n for n, v in enumerate(verdicts) if _is_wait(v)]
     if waits and held_ahead:
         # The requests already held wait for the same copies: a share of them each.
         share = held_ahead / len(waits)
-        held = {id(v): _behind_held(v, share, devices, service) for v in waits}
-        verdicts = [held.get(id(v), v) for v in verdicts]
-        waits = list(held.values())
-    costed = [*waits, *(v for r in _ELIGIBLE for v in eligible[r])]
+        verdicts = list(verdicts)
+        for n in waits:
+            verdicts[n] = _behind_held(verdicts[n], share, candidates[n], service)
+    costed = [*(verdicts[n] for n in waits), *(v for r in _ELIGIBLE for v in eligible[r])]
     if costed:
         best = min(costed, key=_cost_key)
         if best.reason is Reason.AT_PENDING_LIMIT:
@@ -558,6 +614,97 @@ def _judge_all(wanted: tuple[str, ...], devices: Sequence[DeviceView],
                         action=_ACTION[best.reason])
 
     return _nothing(wanted, tuple(verdicts), devices, policy)
+
+
+def _judge_bounded(wanted: tuple[str, ...], candidates: list[_Candidate],
+                   devices: Sequence[DeviceView], policy: Policy, service: ServiceTimes,
+                   holders: Mapping[str, int], held_ahead: int) -> Decision | list[Verdict]:
+    """Branch and bound over the candidates: a decision judged only as far as needed, or
+    (when every candidate had to be judged) the verdicts, in order, for `_pick`.
+
+    A candidate that does not hold the model costs at least its wait plus a weighted load
+    (regret is never negative), a copy at least its wait. Judged in order of that bound,
+    once the best so far costs less than the next bound, neither that candidate nor any
+    after it can win. The winner is the one judging all would pick (a test holds the two
+    equal); the verdicts of the rest are judged in full only when read (`/v1/route`, an
+    error's text), as the fast path's are.
+    """
+    bounds = [_lower_bound(group, model_id, cost, policy, service)
+              for group, model_id, cost in candidates]
+    # With requests held ahead, a wait's cost depends on how many copies share them: then
+    # every copy is judged first (copies are cheap to judge), before any bound applies.
+    first = [n for n, c in enumerate(candidates)
+             if held_ahead and _own_instance(*c[:2]) is not None]
+    firsts = set(first)
+    rest = sorted((n for n in range(len(candidates)) if n not in firsts),
+                  key=bounds.__getitem__)
+    judged: list[Verdict | None] = [None] * len(candidates)
+    for n in first:
+        judged[n] = _judge(*candidates[n], policy, holders, service)
+    waits = [n for n in first if _is_wait(judged[n])]  # type: ignore[arg-type]
+    share = held_ahead / len(waits) if waits else 0.0
+    best: Verdict | None = None
+    best_key: tuple[Any, ...] | None = None
+
+    def consider(verdict: Verdict) -> None:
+        nonlocal best, best_key
+        key = _cost_key(verdict)
+        if best_key is None or key < best_key:
+            best, best_key = verdict, key
+
+    for n in first:
+        verdict = judged[n]
+        assert verdict is not None
+        if _is_wait(verdict):
+            consider(_behind_held(verdict, share, candidates[n], service))
+        elif verdict.reason in _ELIGIBLE:
+            consider(verdict)
+    for n in rest:
+        if best_key is not None and round(bounds[n], 6) > best_key[0]:
+            break  # it, and every one after it, costs more than the best so far
+        verdict = judged[n] = _judge(*candidates[n], policy, holders, service)
+        if verdict.reason in _ELIGIBLE or _is_wait(verdict):
+            consider(verdict)
+    if all(v is not None for v in judged):
+        return [v for v in judged if v is not None]
+    assert best is not None  # only a known best leaves a candidate unjudged
+    snapshot = list(devices)
+
+    def judge_all() -> Decision:
+        return _judge_all(wanted, snapshot, policy, service, held_ahead)
+
+    if best.reason is Reason.AT_PENDING_LIMIT:
+        return Decision(Outcome.ALL_BUSY, wanted, None, waits_for=best,
+                        retry_after_s=policy.busy_retry_after_s, judge_all=judge_all)
+    return Decision(Outcome.ROUTED, wanted, None, winner=_with_chosen(best),
+                    action=_ACTION[best.reason], judge_all=judge_all)
+
+
+def _lower_bound(group: Sequence[DeviceView], model_id: str, cost: ModelCost,
+                 policy: Policy, service: ServiceTimes) -> float:
+    """The least `_judge` can price this candidate at: the wait behind its queue, plus a
+    weighted load unless it holds the model (computed as `_judge` does, to the bit)."""
+    if len(group) == 1:  # the common case, inlined: this runs for every candidate
+        device = group[0]
+        wait = device.queue * service.of(model_id, cost)
+        holds = model_id in device.single_holds
+    else:
+        wait = max(d.queue for d in group) * service.of(model_id, cost)
+        holds = _own_instance(group, model_id) is not None
+    return wait if holds else wait + policy.load_weight * cost.load_s
+
+
+def _own_instance(group: Sequence[DeviceView], model_id: str) -> ResidentView | None:
+    """The model's instance, ready or starting, on exactly this placement."""
+    first = group[0]
+    ids = tuple(d.device_id for d in group)
+    return next((r for r in first.residents if r.model_id == model_id and r.holds
+                 and (r.devices or (first.device_id,)) == ids), None)
+
+
+def _is_wait(v: Verdict) -> bool:
+    """A copy at its pending limit: waiting for it is costed (the dispatcher holds)."""
+    return v.reason is Reason.AT_PENDING_LIMIT and v.would is Reason.MODEL_LOADED
 
 
 def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: Policy,
@@ -583,10 +730,14 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
         return verdict(reason, expected_s=wait + load + regret, wait_s=wait, load_s=load,
                        regret_s=regret, **extra)
 
-    excluded = _excluded(group, ids, model_id, need, cost, policy, over_limit=over_limit)
+    mine = _own_instance(group, model_id)
+    loaded = mine is not None
+    excluded = _excluded(group, ids, model_id, need, cost, policy, over_limit=over_limit,
+                         loaded=loaded)
     if excluded is not None:
         if excluded[0] is Reason.AT_PENDING_LIMIT and _excluded(
-                group, ids, model_id, need, cost, policy, over_limit=True) is None:
+                group, ids, model_id, need, cost, policy, over_limit=True,
+                loaded=loaded) is None:
             # What it would do once under its limit, and what waiting for that costs: the
             # decision may prefer waiting (the dispatcher holds the request) to a load.
             would = _judge(group, model_id, cost, policy, holders, service, over_limit=True)
@@ -597,8 +748,6 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     if cost.host_need_mb and "cpu" not in ids:
         fit = host_fit(cost.host_need_mb, first.host_available_mb, cost.allow_disk_paging)
         paging = fit.note if fit.paging else None
-    mine = next((r for r in first.residents if r.model_id == model_id and r.holds
-                 and (r.devices or (first.device_id,)) == ids), None)
     if mine is not None:
         wait, load = loaded_expected(queue, mine.state is InstanceState.STARTING, cost, svc)
         return costed(Reason.MODEL_LOADED, wait, load, 0.0)
@@ -640,8 +789,10 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
 
 def _excluded(group: Sequence[DeviceView], ids: tuple[str, ...], model_id: str,
               need: Mapping[str, int], cost: ModelCost, policy: Policy,
-              over_limit: bool = False) -> tuple[Reason, dict[str, Any]] | None:
-    """The first rule that rules a placement out, with what its verdict should say."""
+              over_limit: bool = False, loaded: bool = False
+              ) -> tuple[Reason, dict[str, Any]] | None:
+    """The first rule that rules a placement out, with what its verdict should say.
+    `loaded`: the model runs there already (its host RAM part is taken, not needed)."""
     first = group[0]
     if not all(d.up for d in group):
         return Reason.NODE_DOWN, {}
@@ -649,7 +800,7 @@ def _excluded(group: Sequence[DeviceView], ids: tuple[str, ...], model_id: str,
         return Reason.NODE_DRAINING, {}
     if not all(_fits(need[d.device_id], d.memory_total_mb, policy) for d in group):
         return Reason.DOES_NOT_FIT, {}
-    if cost.host_need_mb and "cpu" not in ids:
+    if cost.host_need_mb and "cpu" not in ids and not loaded:
         fit = host_fit(cost.host_need_mb, first.host_available_mb, cost.allow_disk_paging)
         if not fit.ok:
             return Reason.HOST_MEMORY_SHORT, {"note": fit.note}
@@ -700,12 +851,10 @@ def _residents(group: Sequence[DeviceView], holders: Mapping[str, int]) -> dict[
             for k, v in out.items()}
 
 
-def _behind_held(v: Verdict, share: float, devices: Sequence[DeviceView],
+def _behind_held(v: Verdict, share: float, candidate: _Candidate,
                  service: ServiceTimes) -> Verdict:
-    device = next(d for d in devices if d.node_id == v.node_id
-                  and d.device_id == v.device_id.split("+")[0])
-    cost = device.servable[v.model_id]
-    extra = round(share * service.of(v.model_id, cost), 6)
+    _, model_id, cost = candidate
+    extra = round(share * service.of(model_id, cost), 6)
     return replace(v, wait_s=(v.wait_s or 0.0) + extra, expected_s=(v.expected_s or 0.0) + extra,
                    note=f"{share:g} held ahead at the dispatcher")
 

@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
@@ -765,20 +766,119 @@ def test_invariants_hold_over_random_clusters() -> None:
     assert set(actions) >= set(Action)
 
 
-def test_the_fast_path_for_a_loaded_model_decides_exactly_as_judging_every_candidate() -> None:
+def with_splits_and_host_parts(rng: random.Random, devices: list[DeviceView]
+                               ) -> list[DeviceView]:
+    """The random cluster, with a model split over a node's gpu:0+gpu:1 now and then (an
+    instance of it loaded or not), and host RAM parts that may not fit the node now."""
+    nodes = sorted({d.node_id for d in devices})
+    split_on = {n for n in nodes if rng.random() < 0.3
+                and sum(d.node_id == n for d in devices) >= 2}
+    out = []
+    for node in nodes:
+        mine = [d for d in devices if d.node_id == node]
+        costs = dict(mine[0].servable)
+        for m, cost in list(costs.items()):
+            if rng.random() < 0.2:
+                costs[m] = replace(cost, host_need_mb=rng.choice([2_000, 40_000]))
+        split = rng.choice(sorted(costs)) if node in split_on else None
+        if split is not None:
+            costs[split] = replace(costs[split], devices=("gpu:0", "gpu:1"))
+        loaded = split is not None and rng.random() < 0.6
+        busy = rng.choice([0, 1])
+        state = rng.choice([S.READY, S.READY, S.STARTING])
+        for d in mine:
+            residents = tuple(r for r in d.residents if r.model_id != split)
+            if loaded and d.device_id in ("gpu:0", "gpu:1"):
+                residents += (ResidentView(split, state, busy=busy, charged_mb=1_000,
+                                           devices=("gpu:0", "gpu:1")),)
+            out.append(replace(d, servable=costs, residents=residents,
+                               host_available_mb=rng.choice([None, 1_000, 64_000])))
+    return out
+
+
+def test_the_fast_path_and_the_bound_decide_exactly_as_judging_every_candidate() -> None:
     from rolemesh.decision import ServiceTimes, _judge_all  # the reference: all judged
 
     rng = random.Random(7)
-    fast_hits = 0
-    for _ in range(3000):
+    lazy = pruned = 0
+    for _ in range(4000):
         models, devices, policy = random_cluster(rng)
+        devices = with_splits_and_host_parts(rng, devices)
         wanted = tuple(dict.fromkeys(models))
         measured = {m: rng.choice([0.2, 8.0, 40.0]) for m in wanted if rng.random() < 0.5}
-        fast = choose(models, devices, policy, measured=measured)
-        full = _judge_all(wanted, devices, policy, ServiceTimes(measured, policy))
+        held_ahead = rng.choice([0, 0, 1, 3])
+        counted = CountingJudge()
+        with counted:
+            fast = choose(models, devices, policy, held_ahead, measured=measured)
+        full = _judge_all(wanted, devices, policy, ServiceTimes(measured, policy), held_ahead)
         assert fast.outcome == full.outcome
         assert fast.action == full.action
         assert fast.winner == full.winner
-        assert fast.verdicts == full.verdicts
-        fast_hits += fast.judged is None
-    assert fast_hits > 100  # the fast path was really exercised
+        assert fast.waits_for == full.waits_for
+        assert fast.retry_after_s == full.retry_after_s
+        lazy += fast.judged is None
+        pruned += counted.calls < len(full.verdicts)
+        assert fast.verdicts == full.verdicts  # read: judged in full, the same
+    assert lazy > 100  # the fast path and the bound were really exercised
+    assert pruned > 100
+
+
+class CountingJudge:
+    """Counts the candidates `choose` judges (the bound's point is to judge fewer)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __enter__(self) -> CountingJudge:
+        from rolemesh import decision
+
+        self._module, self._judge = decision, decision._judge
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            if not kwargs.get("over_limit"):
+                self.calls += 1
+            return self._judge(*args, **kwargs)
+
+        decision._judge = counting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._module._judge = self._judge  # type: ignore[assignment]
+
+
+def test_the_bound_judges_few_candidates_of_a_big_busy_cluster() -> None:
+    # 200 devices, each with a queue for its own copy of a; empty devices elsewhere. A copy
+    # waits 3 x 10 s; a load on an empty device costs 4 x 5 s: that wins, and the bound
+    # leaves the copies past the first few and the busy devices' loads unjudged.
+    cost = ModelCost(8_000, load_s=5.0)
+    busy = [DeviceView(f"n{i}", "gpu:0", {"a": cost}, memory_total_mb=24_000,
+                       residents=(ResidentView("a", busy=3, charged_mb=8_000),),
+                       in_flight=1, pending=2, pending_limit=8) for i in range(200)]
+    empty = [DeviceView(f"e{i}", "gpu:0", {"a": cost}, memory_total_mb=24_000 + i)
+             for i in range(3)]
+    counted = CountingJudge()
+    with counted:
+        decision = choose(["a"], [*busy, *empty])
+    assert decision.action is Action.LOAD_ON_EMPTY
+    assert decision.winner is not None
+    assert decision.winner.node_id == "e0"  # best fit
+    assert counted.calls == 3  # only the empty devices: every copy's wait bounds it out
+    assert len(decision.verdicts) == 203  # read, they are all there
+    assert sum(v.chosen for v in decision.verdicts) == 1
+
+
+def test_an_idle_copy_split_over_two_gpus_wins_over_a_busy_single_copy() -> None:
+    single = ModelCost(8_000, load_s=10.0)
+    split = replace(single, devices=("gpu:0", "gpu:1"))
+    resident = ResidentView("a", charged_mb=4_000, devices=("gpu:0", "gpu:1"))
+    devices = [DeviceView("n1", "gpu:0", {"a": single}, memory_total_mb=24_000,
+                          residents=(ResidentView("a", busy=1, charged_mb=8_000),),
+                          in_flight=1, pending_limit=4),
+               *(DeviceView("n2", g, {"a": split}, memory_total_mb=24_000,
+                            residents=(resident,), pending_limit=4)
+                 for g in ("gpu:0", "gpu:1"))]
+    decision = choose(["a"], devices)
+    assert decision.action is Action.USE_LOADED
+    assert decision.winner is not None
+    assert (decision.winner.node_id, decision.winner.device_id) == ("n2", "gpu:0+gpu:1")
+    assert decision.winner.expected_s == 0.0

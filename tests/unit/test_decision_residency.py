@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -233,3 +234,24 @@ def test_a_placement_whose_host_ram_part_does_not_fit_is_refused_unless_paging_i
     assert d.action is Action.LOAD_ON_EMPTY
     assert d.winner is not None
     assert "disk" in (d.winner.note or "")
+
+
+def test_a_loaded_copy_is_served_though_its_host_ram_part_would_not_fit_again():
+    # Its host part is already in RAM: what the node has left is after it loaded. Judged in
+    # full (a split copy elsewhere makes the fast path step aside) it must still be served,
+    # not left for the busy split copy.
+    moe = ModelCost(6_400, 60.0, host_need_mb=30_000)
+    loaded = DeviceView(node_id="a", device_id="gpu:0", servable={"moe": moe},
+                        memory_total_mb=24_000, host_available_mb=8_000,
+                        residents=(ResidentView("moe", charged_mb=6_400),))
+    split = replace(moe, devices=("gpu:0", "gpu:1"))
+    busy_split = ResidentView("moe", busy=2, charged_mb=3_200, devices=("gpu:0", "gpu:1"))
+    other = [DeviceView(node_id="b", device_id=g, servable={"moe": split},
+                        memory_total_mb=24_000, host_available_mb=8_000,
+                        residents=(busy_split,), in_flight=2, pending_limit=2)
+             for g in ("gpu:0", "gpu:1")]
+    d = choose(["moe"], [loaded, *other])
+    assert d.action is Action.USE_LOADED
+    assert d.winner is not None
+    assert (d.winner.node_id, d.winner.device_id) == ("a", "gpu:0")
+    assert {v.node_id: v.reason for v in d.verdicts}["b"] is Reason.AT_PENDING_LIMIT
