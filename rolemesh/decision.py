@@ -159,17 +159,17 @@ class DeviceView:
 
     # Derived once, at construction (views are immutable, and read on every request).
     single_holds: frozenset[str] = field(init=False, repr=False, compare=False)
-    group_holds: frozenset[str] = field(init=False, repr=False, compare=False)
+    any_holds: frozenset[str] = field(init=False, repr=False, compare=False)
     charged_mb: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Models ready or starting here on this device alone (not split over a group), and
-        # what the residents are charged here.
+        # Models ready or starting here on this device alone (not split over a group), the
+        # same in any placement (alone or a group), and what the residents are charged here.
         alone = (self.device_id,)
         object.__setattr__(self, "single_holds", frozenset(
             r.model_id for r in self.residents if r.holds and (r.devices or alone) == alone))
-        object.__setattr__(self, "group_holds", frozenset(
-            r.model_id for r in self.residents if r.holds and len(r.devices) > 1))
+        object.__setattr__(self, "any_holds", frozenset(
+            r.model_id for r in self.residents if r.holds))
         object.__setattr__(self, "charged_mb", sum(r.charged_mb for r in self.residents))
 
 
@@ -460,19 +460,18 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
     starting = InstanceState.STARTING
     measured_s, default_svc = service.measured, policy.default_service_s
     for d in devices:
-        if not wanted_set.isdisjoint(d.group_holds):
-            return None  # a copy split over a group: judged with its group, in full
-        if wanted_set.isdisjoint(d.single_holds):
-            continue
+        if wanted_set.isdisjoint(d.any_holds):
+            continue  # most devices: one test each
         queue = d.in_flight + d.pending
         if not d.up or d.draining or (idle_found and queue):
             continue  # an idle ready copy is found: only another idle one can tie with it
         at_limit = queue >= d.pending_limit
         for r in d.residents:
             model = r.model_id
-            if model not in wanted_set or r.state not in loaded_states or (
-                    r.devices and r.devices != (d.device_id,)):
+            if model not in wanted_set or r.state not in loaded_states:
                 continue
+            if r.devices and r.devices != (d.device_id,):
+                return None  # a copy split over a group: judged with its group, in full
             cost = d.servable.get(model)
             if cost is None or model in d.failed:
                 continue
@@ -502,9 +501,11 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
                 idle_found = key[0] == 0.0
     # Waiting for a copy at its limit costs its wait plus its share of the requests held
     # ahead, priced as _judge_all prices it (to the bit: a tie must break the same way).
-    share = held_ahead / len(waits) if waits and held_ahead else 0.0
-    best_wait = min((round(e + (round(share * svc, 6) if share else 0.0), 6)
-                     for e, svc in waits), default=math.inf)
+    best_wait = math.inf
+    if waits:
+        share = held_ahead / len(waits)
+        best_wait = min(round(e + (round(share * svc, 6) if share else 0.0), 6)
+                        for e, svc in waits)
     if best is None or best_key is None or best_wait < best_key[0]:
         return None
     d, r = best
