@@ -338,16 +338,24 @@ class Registry:
                 self._devices.pop((node.node_id, device_id), None)
 
 
+# Free memory that rose by this much (something outside RoleMesh let go of it) may let a
+# held request load there; smaller swings are allocator noise, and would wake the buffer on
+# every heartbeat.
+FREED_WAKES_MB = 256
+
+
 def _may_admit_more(old: DeviceRecord | None, new: DeviceRecord) -> bool:
     """Whether a device's new report can let through a request that waited on the old
     one: its queue shrank or its limit rose, a model finished loading or stopped, a load
-    failure's back-off ended, or it is new."""
+    failure's back-off ended, memory was freed, or it is new."""
     if old is None:
         return True
+    was, now = old.status.memory_free_mb, new.status.memory_free_mb
     return (new.in_flight + new.pending < old.in_flight + old.pending
             or new.status.pending_limit > old.status.pending_limit
             or new.residents != old.residents
-            or new.status.failed_models.keys() != old.status.failed_models.keys())
+            or new.status.failed_models.keys() != old.status.failed_models.keys()
+            or (was is not None and now is not None and now - was >= FREED_WAKES_MB))
 
 
 def _served(node: NodeRecord) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -351,6 +351,11 @@ def test_count_by_state(registry, clock):
     ("a back-off ended", device(failed_models={"m1": 3.0}), device(), True),
     ("a back-off ticked", device(failed_models={"m1": 3.0}),
      device(failed_models={"m1": 1.0}), False),
+    ("memory freed outside RoleMesh", device(memory_used_mb=20000, memory_free_mb=4000),
+     device(memory_used_mb=8000, memory_free_mb=16000), True),
+    ("free memory wobbled", device(memory_used_mb=8000, memory_free_mb=16000),
+     device(memory_used_mb=7900, memory_free_mb=16100), False),
+    ("memory taken", device(memory_free_mb=16000), device(memory_free_mb=4000), False),
 ])
 def test_a_heartbeat_tells_the_buffer_only_what_may_let_a_held_request_through(
         registry, what, before, after, wakes):
