@@ -2,9 +2,9 @@
 
 Events are derived from what the dispatcher already receives, so the registry's internals do
 not change: every node report (registration, heartbeat) is diffed against the previous one
-of the same node (`diff_devices`, a pure function that reads both today's devices with
-`loaded_model`/`slot_state` and schema v2 devices with `instances: [...]` plus the node's
-`recent_stops`); node expiry reports up/down; the forwarder reports each request's end.
+of the same node (`diff_devices`, a pure function of the devices' `instances: [...]` and
+the node's `recent_stops`); node expiry reports up/down; the forwarder reports each
+request's end.
 
 Each subscriber has a bounded queue. One that falls behind (a slow browser tab) loses its
 queue and gets a fresh snapshot instead, so a slow client never holds memory or the loop.
@@ -73,29 +73,19 @@ class InstanceView:
 
 
 def instances_of(devices: Iterable[Any]) -> dict[tuple[tuple[str, ...], str], InstanceView]:
-    """Every instance the devices of one report hold, keyed by (devices, model id).
-
-    Schema v2: each device lists `instances`; a model split over devices appears under each,
-    once here. Schema v1: a device with a `loaded_model` holds one instance in `slot_state`.
+    """Every instance the devices of one report hold, keyed by (devices, model id): each
+    device lists its `instances`; a model split over devices appears under each, once here.
     """
     found: dict[tuple[tuple[str, ...], str], InstanceView] = {}
     for d in devices:
         device_id = str(_get(d, "device_id"))
-        listed = _get(d, "instances")
-        if listed is not None:
-            for inst in listed:
-                group = tuple(_get(inst, "devices") or (device_id,))
-                model = str(_get(inst, "model_id"))
-                found.setdefault((group, model), InstanceView(
-                    model, group, str(_value(_get(inst, "state"))),
-                    _get(inst, "last_load_s"), int(_get(inst, "restarts") or 0),
-                    _get(inst, "last_error")))
-            continue
-        model = _get(d, "loaded_model")
-        state = str(_value(_get(d, "slot_state", "empty")))
-        if model:
-            found[((device_id,), str(model))] = InstanceView(
-                str(model), (device_id,), state, last_error=_get(d, "last_error"))
+        for inst in _get(d, "instances") or ():
+            group = tuple(_get(inst, "devices") or (device_id,))
+            model = str(_get(inst, "model_id"))
+            found.setdefault((group, model), InstanceView(
+                model, group, str(_value(_get(inst, "state"))),
+                _get(inst, "last_load_s"), int(_get(inst, "restarts") or 0),
+                _get(inst, "last_error")))
     return found
 
 
@@ -120,10 +110,8 @@ def diff_devices(node_id: str, old: NodeMemory | None, devices: Iterable[Any],
                  recent_stops: Iterable[Any] | None) -> tuple[NodeMemory, list[Change]]:
     """The events between a node's previous report and this one, and what to remember.
 
-    Pure: reports in, (type, data) pairs out. A stop is named by the node's own record when
-    it sends one (v2 `recent_stops`); a v1 node does not say why, so a model replaced by
-    another on its device reads as `evicted_for` that one, one that left a failed device as
-    `crash`, else `unload`; a v2 stop without a record is `unknown`.
+    Pure: reports in, (type, data) pairs out. A stop is named by the node's own record
+    (`recent_stops`); one without a record (not named yet) is `unknown`.
     """
     now_instances = instances_of(devices)
     stops = list(recent_stops or ())
@@ -159,7 +147,7 @@ def diff_devices(node_id: str, old: NodeMemory | None, devices: Iterable[Any],
             reason, detail = str(_value(_get(record, "reason"))), _get(record, "detail")
             fresh_stops.remove(record)
         else:
-            reason, detail = _reason_unsaid(prev, now_instances, devices)
+            reason, detail = "unknown", "the node's report named no reason"
         out.append(("instance.state", {**base, "old": prev.state, "new": "empty"}))
         out.append(("model.stopped", {**base, "reason": reason, "detail": detail}))
         explained.add(key)
@@ -174,24 +162,6 @@ def diff_devices(node_id: str, old: NodeMemory | None, devices: Iterable[Any],
                                       "model_id": model, "reason": reason,
                                       "detail": detail or None}))
     return NodeMemory(now_instances, stop_keys, True), out
-
-
-def _reason_unsaid(prev: InstanceView, now: Mapping[tuple[tuple[str, ...], str], InstanceView],
-                   devices: Iterable[Any]) -> tuple[str, str | None]:
-    """Why an instance left when its node did not say (v1 never does)."""
-    devices = list(devices)
-    if any(_get(d, "instances") is not None for d in devices):
-        # A v2 node names every stop in recent_stops; this one was not (yet) named.
-        return "unknown", "the node's report named no reason"
-    successor = next((i.model_id for (group, _), i in now.items()
-                      if set(group) & set(prev.devices)), None)
-    if successor is not None:
-        return "evicted_for", successor
-    states = {str(_get(d, "device_id")): str(_value(_get(d, "slot_state", "")))
-              for d in devices}
-    if any(states.get(dev) == "failed" for dev in prev.devices) or prev.state == "failed":
-        return "crash", None
-    return "unload", None
 
 
 # -- the hub --------------------------------------------------------------------------------

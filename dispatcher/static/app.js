@@ -1,5 +1,4 @@
 // The cluster page: nodes, devices, resident models, recent requests, loads and stops.
-// Reads both device shapes: today's (loaded_model + slot_state) and schema v2 (instances).
 "use strict";
 
 (() => {
@@ -10,19 +9,10 @@
   const lifecycle = [];
   let refreshTimer = null;
 
-  // -- reading a device, whatever its schema ---------------------------------------------
+  // -- reading a device ---------------------------------------------------------------------
 
-  function instancesOf(status, node) {
-    if (Array.isArray(status.instances)) return status.instances;
-    if (!status.loaded_model) return [];
-    const model = (node.models || []).find((m) => m.model_id === status.loaded_model);
-    return [{
-      model_id: status.loaded_model, devices: [status.device_id], state: status.slot_state,
-      in_flight: status.in_flight || 0, queued: status.pending || 0,
-      parallel: status.parallel, memory_charged_mb: model ? model.memory_need_mb : null,
-      memory_source: "estimate", ttl_left_s: null, pinned: false, restarts: 0,
-      last_error: status.last_error,
-    }];
+  function instancesOf(status) {
+    return Array.isArray(status.instances) ? status.instances : [];
   }
 
   function chargedOf(status, instances) {
@@ -115,7 +105,7 @@
 
   function deviceCard(node, d) {
     const status = d.status;
-    const instances = instancesOf(status, node);
+    const instances = instancesOf(status);
     const charged = chargedOf(status, instances);
     const loadSelect = el("select", { "aria-label": "model to load" },
       (node.models || []).map((m) => el("option", { value: m.model_id }, m.model_id)));
@@ -128,8 +118,8 @@
         el("tr", {}, ["model", "state", "queue", "TTL", "charged", ""].map((h) =>
           el("th", {}, h))),
         instances.map((i) => instanceRow(node, status, i)))
-        : el("p", { class: "muted" }, status.slot_state === "failed"
-          ? `failed: ${status.last_error || ""}` : "no model loaded"),
+        : el("p", { class: "muted" }, status.last_error
+          ? `no model loaded; last error: ${status.last_error}` : "no model loaded"),
       status.failed_models && Object.keys(status.failed_models).length
         ? el("p", { class: "s-failed" }, "backing off: " +
           Object.entries(status.failed_models).map(([m, s]) => `${m} (${secs(s)})`).join(", "))

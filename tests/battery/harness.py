@@ -117,12 +117,9 @@ def device_load(device: dict[str, Any]) -> int:
 
 
 def device_ready(device: dict[str, Any], model_id: str | None = None) -> bool:
-    """v1: the slot is ready (with model_id loaded); v2: an instance of it is ready."""
-    if "instances" in device:
-        return any(i.get("state") == "ready" and model_id in (None, i.get("model_id"))
-                   for i in device["instances"])
-    return device.get("slot_state") == "ready" and model_id in (None,
-                                                                 device.get("loaded_model"))
+    """An instance (of model_id, if given) is ready on the device."""
+    return any(i.get("state") == "ready" and model_id in (None, i.get("model_id"))
+               for i in device.get("instances", []))
 
 
 def fake_models(model_id: str, path: Path, roles: list[str], record: Path,
