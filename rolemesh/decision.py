@@ -605,16 +605,22 @@ def _pick(wanted: tuple[str, ...], verdicts: list[Verdict], candidates: list[_Ca
             verdicts[n] = _behind_held(verdicts[n], share, candidates[n], service)
     costed = [*(verdicts[n] for n in waits), *(v for r in _ELIGIBLE for v in eligible[r])]
     if costed:
-        best = min(costed, key=_cost_key)
-        if best.reason is Reason.AT_PENDING_LIMIT:
-            return Decision(Outcome.ALL_BUSY, wanted, tuple(verdicts), waits_for=best,
-                            retry_after_s=policy.busy_retry_after_s)
-        winner = _with_chosen(best)
-        final = tuple(winner if v is best else v for v in verdicts)
-        return Decision(Outcome.ROUTED, wanted, final, winner=winner,
-                        action=_ACTION[best.reason])
-
+        return _decided(wanted, min(costed, key=_cost_key), verdicts, policy)
     return _nothing(wanted, tuple(verdicts), devices, policy)
+
+
+def _decided(wanted: tuple[str, ...], best: Verdict, verdicts: Sequence[Verdict] | None,
+             policy: Policy, judge_all: Callable[[], Decision] | None = None) -> Decision:
+    """The decision for the best costed candidate: routed to it, or (a copy at its limit)
+    held for it. `verdicts` None: judged by `judge_all` when read."""
+    if best.reason is Reason.AT_PENDING_LIMIT:
+        return Decision(Outcome.ALL_BUSY, wanted,
+                        None if verdicts is None else tuple(verdicts), waits_for=best,
+                        retry_after_s=policy.busy_retry_after_s, judge_all=judge_all)
+    winner = _with_chosen(best)
+    judged = None if verdicts is None else tuple(winner if v is best else v for v in verdicts)
+    return Decision(Outcome.ROUTED, wanted, judged, winner=winner, action=_ACTION[best.reason],
+                    judge_all=judge_all)
 
 
 def _judge_bounded(wanted: tuple[str, ...], candidates: list[_Candidate],
@@ -674,11 +680,7 @@ def _judge_bounded(wanted: tuple[str, ...], candidates: list[_Candidate],
     def judge_all() -> Decision:
         return _judge_all(wanted, snapshot, policy, service, held_ahead)
 
-    if best.reason is Reason.AT_PENDING_LIMIT:
-        return Decision(Outcome.ALL_BUSY, wanted, None, waits_for=best,
-                        retry_after_s=policy.busy_retry_after_s, judge_all=judge_all)
-    return Decision(Outcome.ROUTED, wanted, None, winner=_with_chosen(best),
-                    action=_ACTION[best.reason], judge_all=judge_all)
+    return _decided(wanted, best, None, policy, judge_all)
 
 
 def _lower_bound(group: Sequence[DeviceView], model_id: str, cost: ModelCost,
