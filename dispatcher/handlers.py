@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import TypeVar
 
 from aiohttp import web
@@ -41,6 +42,17 @@ def parse_wire(model: type[WireT], body: bytes) -> WireT:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(body)'}: {e['msg']}"
                              for e in errors[:5])
         raise BadRequest(f"not a valid {model.__name__}: {problems}") from exc
+
+
+def parse_versioned(model: type[WireT], body: bytes, inventory: bool) -> WireT:
+    """`parse_wire`, but a body of another schema version is refused by its number rather
+    than by the first field it misreads. The version is looked for only when the body does
+    not parse (the common, valid beat is decoded once)."""
+    try:
+        return parse_wire(model, body)
+    except BadRequest:
+        check_schema_version_first(body, inventory)
+        raise
 
 
 def check_schema_version_first(body: bytes, inventory: bool) -> None:
@@ -87,8 +99,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def register(request: web.Request) -> web.Response:
     d = request.app[DISPATCHER_KEY]
     body = await read_body(request, d.config.max_body_bytes)
-    check_schema_version_first(body, inventory=True)
-    req = parse_wire(RegisterRequest, body)
+    req = parse_versioned(RegisterRequest, body, inventory=True)
     check_schema_version(req.inventory.schema_version)
     check_node_url(req.inventory.url)
     problem = node_id_problem(req.inventory.node_id) or node_url_problem(
@@ -107,17 +118,22 @@ async def register(request: web.Request) -> web.Response:
 async def heartbeat(request: web.Request) -> web.Response:
     d = request.app[DISPATCHER_KEY]
     body = await read_body(request, d.config.max_body_bytes)
-    check_schema_version_first(body, inventory=False)
-    beat = parse_wire(HeartbeatRequest, body)
+    beat = parse_versioned(HeartbeatRequest, body, inventory=False)
     check_schema_version(beat.schema_version)
     accepted = d.registry.heartbeat(beat)  # NodeNotFound (404) makes the agent register
     d.metrics.heartbeats.labels(str(accepted).lower()).inc()
     if accepted:
         request.app[EVENTS_KEY].node_report(beat.node_id, beat.devices,
                                             getattr(beat, "recent_stops", None))
-    return json_response(HeartbeatResponse(
-        accepted=accepted, heartbeat_interval_s=d.config.heartbeat_interval_s
-    ).model_dump(mode="json"))
+    return web.Response(body=_heartbeat_answer(accepted, d.config.heartbeat_interval_s),
+                        content_type="application/json")
+
+
+@lru_cache(maxsize=8)
+def _heartbeat_answer(accepted: bool, interval_s: float) -> bytes:
+    # One of two bodies, 200 times a second at 1,000 nodes: encoded once.
+    return json.dumps(HeartbeatResponse(accepted=accepted, heartbeat_interval_s=interval_s)
+                      .model_dump(mode="json")).encode()
 
 
 async def deregister(request: web.Request) -> web.Response:

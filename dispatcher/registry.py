@@ -145,21 +145,30 @@ class Registry:
                       last_seq=node.seq)
             return False
         before = {d: self._devices.get((beat.node_id, d)) for d in node.device_ids}
-        updated = replace(node, seq=beat.seq, last_seen=self._clock(), state=NodeState.UP,
-                          draining=beat.draining, recent_stops=tuple(beat.recent_stops),
-                          host_memory_total_mb=beat.host_memory_total_mb,
-                          host_memory_available_mb=beat.host_memory_available_mb)
-        if beat.sets is not None:
-            updated = replace(updated, sets={k: frozenset(v) for k, v in beat.sets.items()})
+        # One record built once (dataclasses.replace, three times over, was a tenth of a
+        # heartbeat's CPU at 200 a second).
+        models, costs, recent = node.models, node.costs, node.recent_requests
         if beat.models is not None:
-            updated = self._with_models(updated, beat.models)
+            models, costs, recent = self._model_fields(node.node_id, beat.models)
         self._drop_devices(node, keep={d.device_id for d in beat.devices})
-        updated = self._with_devices(updated, beat.devices)
+        updated = NodeRecord(
+            node_id=node.node_id, url=node.url, backend=node.backend, state=NodeState.UP,
+            seq=beat.seq, registered_at=node.registered_at, last_seen=self._clock(),
+            models=models, costs=costs, recent_requests=recent,
+            device_ids=self._put_devices(node.node_id, beat.devices),
+            sets=(node.sets if beat.sets is None
+                  else {k: frozenset(v) for k, v in beat.sets.items()}),
+            draining=beat.draining, co_residency=node.co_residency,
+            recent_stops=tuple(beat.recent_stops),
+            host_memory_total_mb=beat.host_memory_total_mb,
+            host_memory_available_mb=beat.host_memory_available_mb)
         self._nodes[beat.node_id] = updated
+        # Agents leave unchanged models out: then what the node serves has not changed.
+        served_changed = beat.models is not None and _served(updated) != _served(node)
         # Most heartbeats only refresh figures: what the cluster serves is unchanged, and
         # the caches keyed on `version` (the catalog, the view memo) stay valid.
         if (node.state is not NodeState.UP or updated.device_ids != node.device_ids
-                or _served(updated) != _served(node) or updated.draining != node.draining):
+                or served_changed or updated.draining != node.draining):
             self.version += 1
         if node.state is not NodeState.UP:
             log.info("node.state_changed", node_id=beat.node_id, old=node.state.value,
@@ -168,7 +177,7 @@ class Registry:
         # wakes a pass over the buffer: 200 a second at 1,000 nodes); the requests that end
         # here tell the buffer themselves.
         if (node.state is not NodeState.UP or updated.draining != node.draining
-                or updated.sets != node.sets or _served(updated) != _served(node)
+                or updated.sets != node.sets or served_changed
                 or any(_may_admit_more(before.get(d), self._devices[(beat.node_id, d)])
                        for d in updated.device_ids)):
             self._changed()
@@ -305,6 +314,11 @@ class Registry:
     # -- internals ---------------------------------------------------------------------------
 
     def _with_models(self, node: NodeRecord, models: list[ModelStatus]) -> NodeRecord:
+        fields = self._model_fields(node.node_id, models)
+        return replace(node, models=fields[0], costs=fields[1], recent_requests=fields[2])
+
+    def _model_fields(self, node_id: str, models: list[ModelStatus]
+                      ) -> tuple[tuple[ModelStatus, ...], dict[str, ModelCost], dict[str, int]]:
         costs = {m.model_id: ModelCost(
             m.memory_need_mb,
             m.last_load_s if m.last_load_s is not None else self.default_load_s,
@@ -313,20 +327,25 @@ class Registry:
             host_need_mb=m.host_memory_need_mb, allow_disk_paging=m.allow_disk_paging)
             for m in models}
         recent = {m.model_id: m.recent_requests for m in models}
-        self.service.report(node.node_id, {m.model_id: m.service_s for m in models
-                                           if m.service_s is not None})
-        return replace(node, models=tuple(models), costs=costs, recent_requests=recent)
+        self.service.report(node_id, {m.model_id: m.service_s for m in models
+                                      if m.service_s is not None})
+        return tuple(models), costs, recent
 
     def _with_devices(self, node: NodeRecord, devices: list[DeviceStatus]) -> NodeRecord:
+        return replace(node, device_ids=self._put_devices(node.node_id, devices))
+
+    def _put_devices(self, node_id: str, devices: list[DeviceStatus]) -> tuple[str, ...]:
+        """Record a node's reported devices; their ids, in its order."""
+        own, own_model = self._own, self._own_model
         for d in devices:
-            key = (node.node_id, d.device_id)
-            others = max(0, d.in_flight + d.pending - self._own.get(key, 0))
+            key = (node_id, d.device_id)
+            others = max(0, d.in_flight + d.pending - own.get(key, 0))
             residents = tuple((i.model_id, i.state) for i in d.instances)
-            model_others = {i.model_id: max(0, i.in_flight + i.queued - self._own_model.get(
+            model_others = {i.model_id: max(0, i.in_flight + i.queued - own_model.get(
                 (*key, i.model_id), 0)) for i in d.instances}
             self._devices[key] = DeviceRecord(d, residents, d.in_flight, d.pending, others,
                                               model_others)
-        return replace(node, device_ids=tuple(d.device_id for d in devices))
+        return tuple(d.device_id for d in devices)
 
     def _drop_devices(self, node: NodeRecord | None,
                       keep: set[str] | frozenset[str] = frozenset()) -> None:
