@@ -88,7 +88,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--cost-model", action="append", default=[], metavar="NAME=VALUE",
                    help="override one of the cost model's weights for rolemesh (repeatable): "
                         "load_weight, copy_regret_weight, regret_horizon_s, "
-                        "default_service_s; default: the cluster file's dispatcher.cost_model")
+                        "default_service_s, idle_load_weight; default: the cluster file's "
+                        "dispatcher.cost_model")
     p.add_argument("--jsonl", type=Path, default=None,
                    help="also write one JSON line per run here ('-': stdout, no table)")
 
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         args.jsonl.write_text(lines)
     if any(p.startswith("rolemesh") for p in policies):
         weights = ", ".join(f"{k} {v:g}" for k, v in
-                            cluster.dispatcher.cost_model.model_dump().items())
+                            cluster.dispatcher.cost_model.model_dump().items() if v is not None)
         print(f"rolemesh: the agent's rules are {RoleMesh(cluster).agent_rules}; "
               f"cost model: {weights}\n")
     print(markdown_table(summaries))

@@ -30,6 +30,9 @@ class CostModel(BaseModel):
     # Another copy of a running model pays this many times the regret of what it evicts:
     # it adds throughput for a while, and each sole copy it evicts must load again.
     copy_regret_weight: float = Field(default=_DEFAULT.copy_regret_weight, ge=0)
+    # A load on an idle device (nothing queued, running or loading there) counts this many
+    # times its seconds; unset, as any load (`load_weight`).
+    idle_load_weight: float | None = Field(default=_DEFAULT.idle_load_weight, ge=0)
 
     def policy(self, *, memory_safety_margin: float, busy_retry_after_s: float = 1.0
                ) -> Policy:
@@ -37,7 +40,8 @@ class CostModel(BaseModel):
                       busy_retry_after_s=busy_retry_after_s,
                       default_service_s=self.default_service_s, load_weight=self.load_weight,
                       regret_horizon_s=self.regret_horizon_s,
-                      copy_regret_weight=self.copy_regret_weight)
+                      copy_regret_weight=self.copy_regret_weight,
+                      idle_load_weight=self.idle_load_weight)
 
     def overridden(self, settings: list[str]) -> CostModel:
         """These weights with `NAME=VALUE` settings applied (the CLI's), validated."""

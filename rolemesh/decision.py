@@ -188,6 +188,16 @@ class Policy:
     # evicts must be reloaded for their own users, and those loads evict in turn. So a copy
     # pays this many times the regret a first load pays.
     copy_regret_weight: float = 2.0
+    # A load on a device with nothing queued and nothing running or loading takes GPU time
+    # that was free; None prices it as any other load (`load_weight`).
+    idle_load_weight: float | None = None
+
+    @property
+    def least_load_weight(self) -> float:
+        """The lowest weight any load is priced at (what a lower bound may assume)."""
+        if self.idle_load_weight is None:
+            return self.load_weight
+        return min(self.load_weight, self.idle_load_weight)
 
 
 @dataclass(frozen=True)
@@ -517,7 +527,7 @@ def _use_loaded_fast(wanted: tuple[str, ...], devices: Sequence[DeviceView],  # 
         # only when the copy has a queue: an idle one is never beaten).
         quickest = min((c.load_s for x in devices for m in wanted
                         if (c := x.servable.get(m)) is not None), default=math.inf)
-        if wait + load >= policy.load_weight * quickest:
+        if wait + load >= policy.least_load_weight * quickest:
             return None  # a load elsewhere might serve it sooner: judge every candidate
     winner = Verdict(d.node_id, d.device_id, r.model_id, Reason.MODEL_LOADED, chosen=True,
                      queue=d.queue, memory_need_mb=cost.memory_need_mb,
@@ -694,7 +704,7 @@ def _lower_bound(group: Sequence[DeviceView], model_id: str, cost: ModelCost,
     else:
         wait = max(d.queue for d in group) * service.of(model_id, cost)
         holds = _own_instance(group, model_id) is not None
-    return wait if holds else wait + policy.load_weight * cost.load_s
+    return wait if holds else wait + policy.least_load_weight * cost.load_s
 
 
 def _own_instance(group: Sequence[DeviceView], model_id: str) -> ResidentView | None:
@@ -778,13 +788,15 @@ def _judge(group: Sequence[DeviceView], model_id: str, cost: ModelCost, policy: 
     if room.waits_for_busy or (room.waits_for_leaving and not room.evict):
         return costed(Reason.SWITCH_AFTER_QUEUE, wait, weighted_load, regret,
                       eviction_cost=room.cost, evicts=evicts)
+    # A neighbour still loading is busy too (as for eviction): it shares the device's compute.
+    busy_neighbours = any(r.busy or r.state is InstanceState.STARTING
+                          for d in group for r in d.residents)
+    if policy.idle_load_weight is not None and queue == 0 and not busy_neighbours:
+        weighted_load = policy.idle_load_weight * cost.load_s  # the GPU time it takes was free
     if room.evict:
         return costed(Reason.EVICT_IDLE_MODEL, wait, weighted_load, regret,
                       eviction_cost=room.cost, evicts=evicts,
                       recently_failed=_failed_here(group), note=paging)
-    # A neighbour still loading is busy too (as for eviction): it shares the device's compute.
-    busy_neighbours = any(r.busy or r.state is InstanceState.STARTING
-                          for d in group for r in d.residents)
     reason = Reason.FITS_BESIDE if residents else Reason.FITS_EMPTY_DEVICE
     return costed(reason, wait, weighted_load, 0.0, recently_failed=_failed_here(group),
                   busy_neighbours=busy_neighbours, note=paging)

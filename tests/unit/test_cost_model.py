@@ -18,7 +18,7 @@ def test_the_defaults_are_the_decisions_own():
 
 def test_every_weight_reaches_the_policy():
     weights = {"default_service_s": 3.0, "load_weight": 1.5, "regret_horizon_s": 60.0,
-               "copy_regret_weight": 5.0}
+               "copy_regret_weight": 5.0, "idle_load_weight": 1.0}
     policy = CostModel(**weights).policy(memory_safety_margin=0.8, busy_retry_after_s=2.0)
     assert {k: getattr(policy, k) for k in weights} == weights
     assert (policy.memory_safety_margin, policy.busy_retry_after_s) == (0.8, 2.0)
@@ -30,6 +30,7 @@ def test_every_weight_reaches_the_policy():
     ([" copy_regret_weight = 8 ", "regret_horizon_s=300"],
      CostModel(copy_regret_weight=8, regret_horizon_s=300)),
     (["load_weight=2", "load_weight=3"], CostModel(load_weight=3)),  # the last one wins
+    (["idle_load_weight=1"], CostModel(idle_load_weight=1)),
 ])
 def test_settings_override_the_weights(settings, expected):
     assert CostModel().overridden(settings) == expected
@@ -40,6 +41,7 @@ def test_settings_override_the_weights(settings, expected):
     ("copy_weight=2", "NAME one of default_service_s, load_weight"),
     ("load_weight=-1", "load_weight: Input should be greater than or equal to 0"),
     ("regret_horizon_s=0", "regret_horizon_s: Input should be greater than 0"),
+    ("idle_load_weight=-0.5", "idle_load_weight: Input should be greater than or equal to 0"),
     ("default_service_s=fast", "default_service_s: Input should be a valid number"),
 ])
 def test_a_bad_setting_says_which_and_why(setting, message):

@@ -703,13 +703,16 @@ def random_cluster(rng: random.Random) -> tuple[list[str], list[DeviceView], Pol
                 recent_requests={m: rng.randint(0, 5) for m in names}, held=held, sets=sets,
                 failed=failed, draining=draining, co_residency=co))
     wanted = rng.sample(names, rng.randint(1, 2))
-    policy = Policy(memory_safety_margin=rng.choice([0.8, 0.9, 1.0]))
+    policy = Policy(memory_safety_margin=rng.choice([0.8, 0.9, 1.0]),
+                    idle_load_weight=rng.choice([None, None, 1.0, 2.0]))
     return wanted, devices, policy
 
 
-def eligible_holder(device: DeviceView, wanted: Sequence[str], policy: Policy) -> bool:
+def eligible_holder(device: DeviceView, wanted: Sequence[str], policy: Policy,
+                    ready_only: bool = False) -> bool:
     return any(
         device.up and not device.draining and r.holds and r.model_id in wanted
+        and (r.state is S.READY or not ready_only)
         and r.model_id in device.servable and r.model_id not in device.failed
         and (device.held is None or r.model_id in device.held)
         and device.queue < device.pending_limit
@@ -745,8 +748,12 @@ def test_invariants_hold_over_random_clusters() -> None:
         assert device.held is None or w.model_id in device.held
         assert fits_device(device.servable[w.model_id], device, policy)
         residents = {r.model_id: r for r in device.residents}
-        if any(eligible_holder(d, wanted, policy) and d.queue == 0 for d in devices):
-            assert decision.action == Action.USE_LOADED  # an idle copy costs nothing
+        # An idle copy costs nothing; one still loading costs half its load, which a load
+        # on an idle device priced at idle_load_weight may beat: then only a READY one.
+        ready_only = policy.idle_load_weight is not None
+        if any(eligible_holder(d, wanted, policy, ready_only) and d.queue == 0
+               for d in devices):
+            assert decision.action == Action.USE_LOADED
             assert residents[w.model_id].holds
         # The cost model: nothing that could serve it is expected to serve it sooner.
         assert all(w.expected_s is not None and w.expected_s <= v.expected_s + 1e-6

@@ -278,6 +278,42 @@ def test_overload_adds_a_copy_only_when_waiting_costs_more(case):
     assert where(choose(["chat"], devices)) == expected
 
 
+# Situation: 3 queued behind coder's one copy (30 s), a load of coder costs 4 x 20 s = 80 s:
+# the request waits although gpu:1 has nothing to do. An operator whose loads are cheap
+# sets idle_load_weight: a load on a device with nothing queued, running or loading there
+# is priced at that weight (its GPU time was free); a busy device's load is not.
+IDLE = Policy(idle_load_weight=1.0)
+IDLE_LOADS = {
+    "by default the queue waits for the copy": (
+        Policy(), [dev("gpu:0", loaded=[ready("coder", 3)], limit=8), dev("gpu:1")],
+        ("gpu:0", Action.USE_LOADED), 30.0),
+    "idle_load_weight 1: a copy on the idle device (1 x 20 s)": (
+        IDLE, [dev("gpu:0", loaded=[ready("coder", 3)], limit=8), dev("gpu:1")],
+        ("gpu:1", Action.LOAD_ON_EMPTY), 20.0),
+    "beside an idle resident the device is idle too": (
+        IDLE, [dev("gpu:0", loaded=[ready("coder", 3)], limit=8),
+               dev("gpu:1", loaded=[ready("chat")])],
+        ("gpu:1", Action.LOAD_BESIDE), 20.0),
+    "a device serving another model is not idle: 10 s + 80 s, the queue waits": (
+        IDLE, [dev("gpu:0", loaded=[ready("coder", 3)], limit=8),
+               dev("gpu:1", loaded=[ready("chat", 1)])],
+        ("gpu:0", Action.USE_LOADED), 30.0),
+    "nor one still loading a model": (
+        IDLE, [dev("gpu:0", loaded=[ready("coder", 3)], limit=8),
+               dev("gpu:1", loaded=[("chat", S.STARTING, 0)])],
+        ("gpu:0", Action.USE_LOADED), 30.0),
+}
+
+
+@pytest.mark.parametrize("case", IDLE_LOADS.values(), ids=IDLE_LOADS.keys())
+def test_idle_load_weight_prices_a_load_on_an_idle_device_alone(case):
+    policy, devices, expected, expected_s = case
+    decision = choose(["coder"], devices, policy)
+    assert where(decision) == expected
+    assert decision.winner is not None
+    assert decision.winner.expected_s == expected_s
+
+
 def test_equal_copies_share_the_load_least_queue_then_least_recently_routed():
     devices = [dev("gpu:0", loaded=[ready("chat", 1)], last_routed=9.0),
                dev("gpu:1", loaded=[ready("chat", 1)], last_routed=4.0),
