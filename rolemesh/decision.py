@@ -192,7 +192,7 @@ class Policy:
     # that was free; None prices it as any other load (`load_weight`).
     idle_load_weight: float | None = None
 
-    @property
+    @cached_property  # read for every candidate's bound: worked out once per policy
     def least_load_weight(self) -> float:
         """The lowest weight any load is priced at (what a lower bound may assume)."""
         if self.idle_load_weight is None:
